@@ -1,0 +1,246 @@
+"""Adapter for timm's ``VisionTransformer`` family (ViT, DeiT incl. distilled, DeiT-III, registers, CLIP).
+
+Reduction point: inside every ``Block``, between the attention residual and the MLP (ToMe's placement).
+The block's own sub-modules run unchanged (LayerScale, q/k-norm, attention norm/gate, drop-path), and
+attention keeps timm's fused SDPA; proportional attention enters as an additive float ``attn_mask``
+``log(size)`` over the keys. Keys averaged over heads are read by a forward hook on ``attn.k_norm``
+(the keys exactly as attention uses them, after q/k-norm).
+
+Entry points that start a fresh per-call state: ``forward``, ``forward_features``,
+``forward_intermediates`` (and ``get_intermediate_layers``, which calls it). ``pool`` is wrapped so
+that ``global_pool='avg'``/``'avgmax'`` average size-weighted, also when ``forward_head`` is called
+after ``forward_features``. ``forward_intermediates`` returns every intermediate unmerged to the full
+patch grid through the source map, so dense consumers keep working.
+"""
+from __future__ import annotations
+
+import inspect as pyinspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtprune.reduction import unmerge
+from vtprune.state import Runtime
+from vtprune.view import LayerView
+
+from .base import Inspection
+from .patching import Patch
+
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+_ATTN_PARTS = ("qkv", "k_norm", "num_heads")
+
+
+def _vit_class() -> type | None:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    return VisionTransformer
+
+
+def prefix_roles(model: nn.Module) -> tuple[str, ...]:
+    """Roles of the prefix tokens, in sequence order (timm: CLS, then distillation or registers)."""
+    roles: list[str] = []
+    if getattr(model, "cls_token", None) is not None:
+        roles.append("cls")
+    if getattr(model, "dist_token", None) is not None:
+        roles.append("dist")
+    roles += ["register"] * int(getattr(model, "num_reg_tokens", 0) or 0)
+    if len(roles) != model.num_prefix_tokens:
+        raise ValueError(f"{type(model).__name__} has num_prefix_tokens={model.num_prefix_tokens} but vtprune "
+                         f"found the prefix tokens {roles}; this layout is not supported")
+    return tuple(roles)
+
+
+class TimmViTAdapter:
+    name = "timm-vit"
+    family = "timm VisionTransformer (ViT, DeiT, DeiT-III, registers, vit_*_clip_*)"
+    sites = ("vision",)
+    signals = ("keys", "hidden")
+
+    def matches(self, model: nn.Module) -> bool:
+        vit = _vit_class()
+        return vit is not None and isinstance(model, vit)
+
+    def _check(self, model: nn.Module) -> None:
+        for index, block in enumerate(model.blocks):
+            missing = [part for part in _BLOCK_PARTS if not hasattr(block, part)]
+            missing += [f"attn.{part}" for part in _ATTN_PARTS if not hasattr(getattr(block, "attn", None), part)]
+            if missing:
+                raise ValueError(
+                    f"timm block {index} ({type(block).__name__}) lacks {', '.join(missing)}; the timm-vit adapter "
+                    "supports pre-norm blocks (timm.models.vision_transformer.Block and look-alikes with norm1, "
+                    "attn(qkv, k_norm), ls1, drop_path1, norm2, mlp, ls2, drop_path2)"
+                )
+        if not hasattr(model, "pool"):
+            raise ValueError("this timm VisionTransformer has no pool() method; vtprune needs timm >= 1.0.20")
+
+    def inspect(self, model: nn.Module) -> Inspection:
+        self._check(model)
+        notes = []
+        if getattr(model, "attn_pool", None) is not None:
+            notes.append("attention pooling ('map') sees merged tokens unweighted by size")
+        if model.global_pool in ("avg", "avgmax"):
+            notes.append(f"global_pool={model.global_pool!r} is averaged size-weighted")
+        return Inspection(
+            adapter=self.name, family=self.family, model_class=type(model).__name__,
+            sites={"vision": tuple(f"blocks.{i}" for i in range(len(model.blocks)))},
+            signals=self.signals, protected=prefix_roles(model), notes=tuple(notes),
+        )
+
+    def patch(self, model: nn.Module, runtime: Runtime) -> Patch:
+        self._check(model)
+        policy = runtime.policies["vision"]
+        roles = prefix_roles(model)
+        patch = Patch()
+        try:
+            keys_slot = _KeysSlot()
+            if "keys" in policy.signals:
+                for block in model.blocks:
+                    patch.hook(block.attn.k_norm.register_forward_hook(keys_slot.hook(runtime)))
+            for index, block in enumerate(model.blocks):
+                patch.override(block, "forward",
+                               _block_forward(block, index, len(model.blocks), roles, runtime, keys_slot))
+            patch.override(model, "forward", runtime.entry(model.forward))
+            patch.override(model, "forward_features", runtime.entry(model.forward_features))
+            patch.override(model, "forward_intermediates", runtime.entry(
+                _intermediates_forward(model, runtime), record_layers=True))
+            patch.override(model, "pool", _pool(model, runtime))
+        except BaseException:
+            patch.undo()
+            raise
+        return patch
+
+
+class _KeysSlot:
+    """Holds the last keys the active call's attention computed (per thread, via the runtime)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._local = threading.local()
+
+    def hook(self, runtime: Runtime):
+        def capture(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if runtime.active() is not None:
+                self._local.keys = output
+
+        return capture
+
+    def take(self) -> torch.Tensor:
+        keys = getattr(self._local, "keys", None)
+        self._local.keys = None
+        if keys is None:
+            raise RuntimeError("attention keys were not captured for this layer (attn.k_norm was not called)")
+        return keys
+
+
+def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[str, ...],
+                   runtime: Runtime, keys_slot: _KeysSlot):
+    original = block.forward
+    policy = runtime.policies["vision"]
+    proportional = policy.proportional_attention()
+    num_protected = len(roles)
+
+    def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        state = runtime.active()
+        if state is None:
+            return original(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise ValueError("vtprune: token merging cannot be combined with a caller-supplied attn_mask or "
+                             "is_causal=True in timm blocks (the mask would not follow the merged tokens); "
+                             "remove the policy for masked inputs")
+        state.start(x)
+        mask = None
+        if proportional and state.size is not None:
+            mask = state.size.log().to(x.dtype).transpose(1, 2).unsqueeze(1)  # [B, 1, 1, N]
+        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=mask)))
+
+        def provide(name: str) -> torch.Tensor:
+            if name == "keys":
+                return keys_slot.take().mean(1)
+            raise ValueError(f"timm-vit offers the signals 'keys' and 'hidden', not {name!r}")
+
+        view = LayerView(site="vision", layer=index, num_layers=num_layers, hidden=x,
+                         num_protected=num_protected, prefix_roles=roles, size=state.size, _provider=provide)
+        tokens_in = x.shape[1]
+        plan = policy.reduce(view)
+        x = state.apply(x, plan)
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        state.record("vision", index, tokens_in, x.shape[1], "mid" if plan is not None else "none")
+        return x
+
+    return forward
+
+
+def _pool(model: nn.Module, runtime: Runtime):
+    original = model.pool
+
+    def pool(x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        kind = model.global_pool if pool_type is None else pool_type
+        size = runtime.sizes_for(x) if x.dim() == 3 else None
+        if size is None or getattr(model, "attn_pool", None) is not None or kind not in ("avg", "avgmax"):
+            return original(x, pool_type=pool_type)
+        start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+        tokens, weights = x[:, start:], size[:, start:].to(x.dtype)
+        mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+        return mean if kind == "avg" else 0.5 * (tokens.amax(dim=1) + mean)
+
+    return pool
+
+
+def _intermediates_forward(model: nn.Module, runtime: Runtime):
+    """``forward_intermediates`` whose intermediates are unmerged to the full token grid."""
+    from timm.models._features import feature_take_indices
+
+    original = model.forward_intermediates
+    signature = pyinspect.signature(original)
+
+    def forward_intermediates(*args: Any, **kwargs: Any) -> Any:
+        state = runtime.active()
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        params = dict(bound.arguments)
+        images = params["x"]
+        output_fmt = params.get("output_fmt", "NCHW")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        want_prefix = params.get("return_prefix_tokens", False)
+        intermediates_only = params.get("intermediates_only", False)
+        output_dict = params.get("output_dict", False)
+        inner = dict(params, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=False)
+        if "output_dict" in inner:
+            inner["output_dict"] = False
+        final, raw = original(**inner)
+        take, _ = feature_take_indices(len(model.blocks), params.get("indices"))
+        layers = sorted(set(take))[: len(raw)]
+        prefix_count = model.num_prefix_tokens
+        spatial, prefixes = [], []
+        for layer, item in zip(layers, raw):
+            tokens, prefix = item if prefix_count else (item, None)
+            full = tokens
+            if state is not None and layer in state.layer_assignments:
+                assignment = state.layer_assignments[layer][:, prefix_count:] - prefix_count
+                full = unmerge(tokens, assignment)
+            spatial.append(full)
+            prefixes.append(prefix)
+        if output_fmt == "NCHW":
+            batch, _, height, width = images.shape
+            grid_h, grid_w = model.patch_embed.dynamic_feat_size((height, width))
+            spatial = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in spatial]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": spatial}
+            if prefix_count and want_prefix:
+                result["image_intermediates_prefix"] = prefixes
+            if not intermediates_only:
+                result["image_features"] = final
+            return result
+        if prefix_count and want_prefix:
+            spatial = list(zip(spatial, prefixes))
+        if intermediates_only:
+            return spatial
+        return final, spatial
+
+    return forward_intermediates
+

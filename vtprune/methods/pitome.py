@@ -1,0 +1,82 @@
+"""PiToMe: energy-guided token merging (Tran et al., "Accelerating Transformers with Spectrum-Preserving
+Token Merging", NeurIPS 2024), as in the official code at hchautran/PiToMe@550b5de."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..matching import pitome_matching, pitome_removed_count
+from ..policy import Policy, check_bool, check_choice, check_float
+from ..reduction import MergePlan
+from ..registry import register_policy
+from ..schedules import pitome_margin, pitome_uses_bsm
+from ..view import LayerView
+
+
+@register_policy
+@dataclass(frozen=True)
+class PiToMe(Policy):
+    """Merge ``floor(T - T*ratio)`` of the ``T`` unprotected tokens in every layer, guided by energy.
+
+    Energy ``E_i = mean_j ELU(cos(v_i, v_j) - m_l)`` (paper Eq. 4, official kernel at 550b5de) with
+    margin ``m_l = margin_start - margin_slope * l / L``. High-energy tokens (in large clusters) are
+    merged first; low-energy (isolated) tokens are protected. Defaults reproduce the official DeiT
+    configuration: keys as metric, BSM-PiToMe in the first ``ceil(L/2)`` layers and pure PiToMe after,
+    size-weighted merging, no proportional attention.
+
+    Args:
+        ratio: per-layer keep fraction of the unprotected tokens, in (0, 1]; 1 disables merging.
+            Below 0.5 a layer removes at most half of its tokens (the official code crashes there).
+        margin_start, margin_slope: the margin schedule ``m_l = start - slope * l / L``.
+        bsm_layers: which layers use BSM-PiToMe: ``"first_half"`` (DeiT), ``"second_half"`` (MAE),
+            ``"all"`` or ``"none"``.
+        metric: ``"keys"`` (head-averaged keys) or ``"hidden"`` (hidden states at the merge point).
+        alpha: ELU's alpha.
+        prop_attn: proportional attention (off in the official DeiT patch).
+    """
+
+    name: ClassVar[str] = "pitome"
+    site: ClassVar[str] = "vision"
+
+    ratio: float = 0.9
+    margin_start: float = 0.75
+    margin_slope: float = 0.75
+    bsm_layers: str = "first_half"
+    metric: str = "keys"
+    alpha: float = 1.0
+    prop_attn: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ratio", check_float("ratio", self.ratio, low=0.0, high=1.0, low_open=True,
+                                                      policy="pitome"))
+        object.__setattr__(self, "margin_start", check_float("margin_start", self.margin_start, low=-1.0,
+                                                             high=1.0, policy="pitome"))
+        object.__setattr__(self, "margin_slope", check_float("margin_slope", self.margin_slope, low=-2.0,
+                                                             high=2.0, policy="pitome"))
+        object.__setattr__(self, "alpha", check_float("alpha", self.alpha, low=0.0, high=float("inf"),
+                                                      low_open=True, policy="pitome"))
+        check_choice("bsm_layers", self.bsm_layers, ("first_half", "second_half", "all", "none"), policy="pitome")
+        check_choice("metric", self.metric, ("keys", "hidden"), policy="pitome")
+        check_bool("prop_attn", self.prop_attn, policy="pitome")
+
+    @property
+    def signals(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.metric,)
+
+    def proportional_attention(self) -> bool:
+        return self.prop_attn
+
+    def margin(self, layer: int, num_layers: int) -> float:
+        return pitome_margin(layer, num_layers, self.margin_start, self.margin_slope)
+
+    def reduce(self, view: LayerView) -> MergePlan | None:
+        r = pitome_removed_count(view.num_tokens - view.num_protected, self.ratio)
+        if r <= 0:
+            return None
+        return pitome_matching(
+            view.signal(self.metric), r,
+            margin=self.margin(view.layer, view.num_layers),
+            num_protected=view.num_protected,
+            bsm=pitome_uses_bsm(view.layer, view.num_layers, self.bsm_layers),
+            alpha=self.alpha,
+        )

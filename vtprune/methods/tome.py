@@ -1,0 +1,77 @@
+"""ToMe: Token Merging (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..matching import bipartite_soft_matching
+from ..policy import Policy, check_bool, check_float, check_int
+from ..reduction import MergePlan
+from ..registry import register_policy
+from ..schedules import tome_schedule
+from ..view import LayerView
+
+
+@register_policy
+@dataclass(frozen=True)
+class ToMe(Policy):
+    """Merge ``r`` tokens per layer by bipartite soft matching on head-averaged keys.
+
+    Merging happens between each block's attention and its MLP, size-weighted; with ``prop_attn``
+    (default, as the official timm patch) attention adds ``log(size)`` to the key logits (paper Eq. 1).
+    Protected prefix tokens (CLS, distillation, registers) are never merged. ``r`` is silently capped
+    at ``(N - protected) // 2`` per layer, like the official code.
+
+    Args:
+        r: tokens merged per layer (int >= 0); or ToMe's schedule pair ``(r, inflect)`` with a float or
+            negative ``inflect`` (split into ``r`` and ``inflect``, e.g. ``(16, -1)``); or a list with
+            one entry per layer (zero-padded to the depth, extra entries ignored; stored as a tuple).
+        inflect: schedule inflection in [-1, 1]; 0 = constant, -1 = decreasing from 2r to 0.
+        prop_attn: proportional attention.
+    """
+
+    name: ClassVar[str] = "tome"
+    site: ClassVar[str] = "vision"
+    signals: ClassVar[tuple[str, ...]] = ("keys",)
+
+    r: int | tuple[int, ...] = 16
+    inflect: float = 0.0
+    prop_attn: bool = True
+
+    def __post_init__(self) -> None:
+        r, inflect = self.r, self.inflect
+        if _is_inflect_pair(r) and inflect == 0.0:
+            r, inflect = r
+        if isinstance(r, (list, tuple)):
+            r = tuple(check_int(f"r[{i}]", value, policy="tome") for i, value in enumerate(r))
+            if not r:
+                raise ValueError("tome: a per-layer r list must not be empty")
+        else:
+            r = check_int("r", r, policy="tome")
+        inflect = check_float("inflect", inflect, low=-1.0, high=1.0, policy="tome")
+        if isinstance(r, tuple) and inflect != 0.0:
+            raise ValueError("tome: inflect applies to a constant r, not to a per-layer list")
+        check_bool("prop_attn", self.prop_attn, policy="tome")
+        object.__setattr__(self, "r", r)
+        object.__setattr__(self, "inflect", inflect)
+
+    def schedule(self, num_layers: int) -> list[int]:
+        """Tokens to merge in each of ``num_layers`` layers (before the per-layer cap)."""
+        if isinstance(self.r, tuple):
+            return tome_schedule(num_layers, 0, layers=self.r)
+        return tome_schedule(num_layers, self.r, self.inflect)
+
+    def proportional_attention(self) -> bool:
+        return self.prop_attn
+
+    def reduce(self, view: LayerView) -> MergePlan | None:
+        r = self.schedule(view.num_layers)[view.layer]
+        if r <= 0:
+            return None
+        return bipartite_soft_matching(view.keys, r, view.num_protected)
+
+
+def _is_inflect_pair(value: object) -> bool:
+    """``(16, -1)`` / ``(16, -1.0)`` / ``(16, 0.5)`` are ToMe's ``(r, inflect)``; ``[16, 8]`` is per-layer."""
+    return (isinstance(value, tuple) and len(value) == 2 and not isinstance(value[1], bool)
+            and (isinstance(value[1], float) or (isinstance(value[1], int) and value[1] < 0)))

@@ -1,0 +1,107 @@
+"""What a policy answers at a reduction point, and how it is applied to sequence-length tensors.
+
+A :class:`MergePlan` describes one reduction of a batch of sequences ``[B, N, ...]`` to ``[B, N_out, ...]``:
+output slot ``j`` of sample ``b`` starts from input token ``keep[b, j]``; every input token
+``src[b, i]`` is then merged into output slot ``dst[b, i]``. Input tokens in neither ``keep`` nor ``src``
+are dropped (pruning is a plan with no ``src``). Every sample has the same ``N_out``, so batches stay
+rectangular.
+
+Merging is size-weighted (ToMe's ``merge_wavg``, Bolya et al. 2023, Sec. 3): with token sizes ``s``,
+``x_j <- sum_{i in j} s_i x_i / sum_{i in j} s_i`` and ``s_j <- sum_{i in j} s_i``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """``keep``: ``[B, N_out]`` input index per output slot; ``src``/``dst``: ``[B, R]`` merged tokens."""
+
+    keep: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+
+    @property
+    def num_out(self) -> int:
+        return self.keep.shape[1]
+
+    @staticmethod
+    def prune(keep: torch.Tensor) -> "MergePlan":
+        empty = keep.new_zeros((keep.shape[0], 0))
+        return MergePlan(keep=keep, src=empty, dst=empty)
+
+
+def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return index.unsqueeze(-1).expand(*index.shape, like.shape[-1])
+
+
+def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``plan`` to hidden states ``x [B, N, C]`` with sizes ``size [B, N, 1]`` (size-weighted mean).
+
+    Returns ``(x_out [B, N_out, C], size_out [B, N_out, 1])``. The arithmetic happens in ``size``'s dtype
+    (at least float32) and the result is cast back to ``x``'s dtype. Differentiable w.r.t. ``x``.
+    """
+    weighted = x.to(size.dtype) * size
+    out = weighted.gather(1, _expand(plan.keep, weighted))
+    size_out = size.gather(1, _expand(plan.keep, size))
+    if plan.src.shape[1]:
+        out = out.scatter_add(1, _expand(plan.dst, out), weighted.gather(1, _expand(plan.src, weighted)))
+        size_out = size_out.scatter_add(1, _expand(plan.dst, size_out), size.gather(1, _expand(plan.src, size)))
+    return (out / size_out).to(x.dtype), size_out
+
+
+def merge_mean(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """Unweighted mean of each output slot and the tokens merged into it (no size tracking)."""
+    ones = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.promote_types(x.dtype, torch.float32),
+                      device=x.device)
+    merged, _ = merge_weighted(x, ones, plan)
+    return merged
+
+
+def gather_tokens(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    """Apply ``plan`` to a per-token tensor ``[B, N, ...]`` by selection only (the ``keep`` tokens)."""
+    index = plan.keep.reshape(*plan.keep.shape, *([1] * (x.dim() - 2))).expand(*plan.keep.shape, *x.shape[2:])
+    return x.gather(1, index)
+
+
+def output_slot_of_input(plan: MergePlan, num_in: int) -> torch.Tensor:
+    """``[B, N_in]`` long: the output slot each input token ends up in, or ``-1`` if it was dropped."""
+    batch = plan.keep.shape[0]
+    slot = torch.full((batch, num_in), -1, dtype=torch.long, device=plan.keep.device)
+    slot.scatter_(1, plan.keep, torch.arange(plan.num_out, device=slot.device).expand(batch, -1))
+    if plan.src.shape[1]:
+        slot.scatter_(1, plan.src, plan.dst)
+    return slot
+
+
+def update_assignment(assignment: torch.Tensor, plan: MergePlan, num_in: int) -> torch.Tensor:
+    """Compose the map original-token -> current-token ``[B, N0]`` with ``plan`` (``-1`` stays dropped)."""
+    slot = output_slot_of_input(plan, num_in)
+    dropped = assignment < 0
+    new = slot.gather(1, assignment.clamp(min=0))
+    return new.masked_fill(dropped, -1) if dropped.any() else new
+
+
+def assignment_to_source(assignment: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """ToMe's dense source matrix ``[B, N, N0]`` (float32 0/1; row ``i`` = originals inside token ``i``)."""
+    batch, num_orig = assignment.shape
+    source = torch.zeros(batch, num_tokens + 1, num_orig, dtype=torch.float32, device=assignment.device)
+    index = torch.where(assignment < 0, torch.full_like(assignment, num_tokens), assignment)
+    source.scatter_(1, index.unsqueeze(1), 1.0)
+    return source[:, :num_tokens]
+
+
+def unmerge(x: torch.Tensor, assignment: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Scatter merged tokens ``[B, N, C]`` back to the original ``N0`` positions through ``assignment``.
+
+    Each original token receives the value of the token that now contains it (dropped ones get
+    ``fill``). This is ToMe's ``unmerge`` generalised to any number of merges.
+    """
+    index = assignment.clamp(min=0)
+    out = x.gather(1, _expand(index, x))
+    if (assignment < 0).any():
+        out = out.masked_fill((assignment < 0).unsqueeze(-1), fill)
+    return out

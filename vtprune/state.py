@@ -1,0 +1,134 @@
+"""Per-call token state and the per-handle runtime that creates it at every entry point.
+
+A :class:`TokenState` lives for exactly one call of a patched entry point (``forward``,
+``forward_features``, ``forward_intermediates``, ...). Nested entry points (``forward`` calling
+``forward_features``) share the outer call's state. The active state is thread-local, so replicas
+in threads (``nn.DataParallel``) and concurrent callers do not see each other's tokens.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .policy import Policy
+from .reduction import MergePlan, assignment_to_source, merge_weighted, update_assignment
+from .trace import LayerTokens, Trace
+
+
+@dataclass
+class TokenState:
+    """Everything that changes during one forward.
+
+    ``size``: ``[B, N, 1]`` original tokens inside each current token (``None`` until the first merge).
+    ``assignment``: ``[B, N0]`` long, the current index of the token containing each original token
+    (``-1`` = dropped); together with ``num_original`` it is ToMe's source map in compact form.
+    """
+
+    record_layers: bool = False
+    size: torch.Tensor | None = None
+    assignment: torch.Tensor | None = None
+    num_original: int = 0
+    batch_size: int = 0
+    records: dict[str, list[LayerTokens]] = field(default_factory=dict)
+    layer_assignments: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def start(self, hidden: torch.Tensor) -> None:
+        """Initialise from the first sequence a reduction site sees (idempotent)."""
+        if self.assignment is None:
+            self.batch_size, self.num_original = hidden.shape[0], hidden.shape[1]
+            self.assignment = torch.arange(self.num_original, device=hidden.device).expand(self.batch_size, -1)
+
+    def size_dtype(self, hidden: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(hidden.dtype, torch.float32)
+
+    def apply(self, hidden: torch.Tensor, plan: MergePlan | None) -> torch.Tensor:
+        """Apply ``plan`` to ``hidden``, the sizes and the source map; returns the reduced hidden states."""
+        if plan is None:
+            return hidden
+        num_in = hidden.shape[1]
+        if self.size is None:
+            self.size = torch.ones(hidden.shape[0], num_in, 1, dtype=self.size_dtype(hidden), device=hidden.device)
+        hidden, self.size = merge_weighted(hidden, self.size, plan)
+        self.assignment = update_assignment(self.assignment, plan, num_in)
+        return hidden
+
+    def record(self, site: str, layer: int, tokens_in: int, tokens_out: int, reduced: str) -> None:
+        self.records.setdefault(site, []).append(LayerTokens(layer, tokens_in, tokens_out, reduced))
+        if self.record_layers and self.assignment is not None:
+            self.layer_assignments[layer] = self.assignment
+
+    def trace(self) -> Trace:
+        return Trace(batch_size=self.batch_size,
+                     sites={site: tuple(layers) for site, layers in self.records.items()})
+
+    def source(self) -> torch.Tensor | None:
+        """Dense ``[B, N, N0]`` source matrix (ToMe's ``trace_source``) of the current sequence."""
+        if self.assignment is None:
+            return None
+        num_tokens = self.size.shape[1] if self.size is not None else self.num_original
+        return assignment_to_source(self.assignment, num_tokens)
+
+
+class Runtime:
+    """Per-handle bookkeeping shared by an adapter's patched functions.
+
+    Holds the policies by site, the thread-local active state, the last finished state (for
+    ``Handle.trace`` / ``Handle.source``) and the sizes of the last ``forward_features`` output (so a
+    later ``forward_head`` can pool size-weighted).
+    """
+
+    def __init__(self, policies: dict[str, Policy]):
+        self.policies = policies
+        self._local = threading.local()
+        self.last_state: TokenState | None = None
+        self._features: tuple[weakref.ref, TokenState] | None = None
+
+    # --- the active state ----------------------------------------------------------------------
+    def active(self) -> TokenState | None:
+        return getattr(self._local, "state", None)
+
+    def entry(self, function: Callable[..., Any], *, record_layers: bool = False,
+              post: Callable[[Any, TokenState], Any] | None = None) -> Callable[..., Any]:
+        """Wrap an entry point so that each outermost call gets a fresh :class:`TokenState`."""
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if self.active() is not None:
+                return function(*args, **kwargs)
+            state = TokenState(record_layers=record_layers)
+            self._local.state = state
+            try:
+                output = function(*args, **kwargs)
+                if post is not None:
+                    output = post(output, state)
+            finally:
+                self._local.state = None
+                if state.assignment is not None:
+                    self.last_state = state
+            self.remember_features(output, state)
+            return output
+
+        wrapped.__wrapped__ = function  # type: ignore[attr-defined]
+        return wrapped
+
+    # --- sizes for pooling outside the call that produced the tokens ----------------------------
+    def remember_features(self, output: Any, state: TokenState) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 3 and state.size is not None:
+            self._features = (weakref.ref(output), state)
+
+    def sizes_for(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Sizes ``[B, N, 1]`` for a token tensor: from the active call, else from the last
+        ``forward_features`` output of this handle with the same batch and length; ``None`` if the
+        tokens were never merged. Raises if they were merged but no matching sizes are known."""
+        state = self.active()
+        if state is None and self._features is not None:
+            ref, remembered = self._features
+            if ref() is tokens or (remembered.size is not None
+                                   and remembered.size.shape[:2] == tokens.shape[:2]):
+                state = remembered
+        if state is not None and state.size is not None and state.size.shape[:2] == tokens.shape[:2]:
+            return state.size
+        return None
