@@ -31,6 +31,7 @@ class Policy:
     name: ClassVar[str] = ""
     site: ClassVar[str] = "vision"
     signals: ClassVar[tuple[str, ...]] = ()
+    spec_fields: ClassVar[tuple[str, ...]] = ()  # always written by to_spec, even at their defaults
 
     def reduce(self, view: "LayerView") -> "MergePlan | None":  # pragma: no cover - abstract
         raise NotImplementedError
@@ -64,7 +65,8 @@ class Policy:
     def to_spec(self) -> str:
         """A spec string that :func:`parse_spec` turns back into an equal policy.
 
-        Only fields that differ from their defaults are written: ``ToMe(r=16).to_spec() == "tome:r=16"``.
+        The main knobs (``spec_fields``) and fields that differ from their defaults are written:
+        ``ToMe(r=16).to_spec() == "tome:r=16"``.
         """
         parts = []
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
@@ -72,7 +74,7 @@ class Policy:
             default = field.default if field.default is not dataclasses.MISSING else _MISSING
             if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 default = field.default_factory()  # type: ignore[misc]
-            if default is _MISSING or _plain(value) != _plain(default):
+            if default is _MISSING or field.name in self.spec_fields or _plain(value) != _plain(default):
                 parts.append(f"{field.name}={_format_value(value)}")
         return self.name + (":" + ",".join(parts) if parts else "")
 
@@ -117,12 +119,10 @@ def _split_top_level(text: str, sep: str = ",") -> list[str]:
 
 
 def parse_value(text: str) -> Any:
-    """Parse one spec value: Python literals, ``true``/``false``/``none`` in any case, else the string."""
+    """Parse one spec value: Python literals (``None`` included), ``true``/``false`` in any case, else the string."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
     try:
         return ast.literal_eval(text.strip())
     except (ValueError, SyntaxError):

@@ -37,6 +37,7 @@ class PiToMe(Policy):
 
     name: ClassVar[str] = "pitome"
     site: ClassVar[str] = "vision"
+    spec_fields: ClassVar[tuple[str, ...]] = ("ratio",)
 
     ratio: float = 0.9
     margin_start: float = 0.75

@@ -32,6 +32,7 @@ class ToMe(Policy):
 
     name: ClassVar[str] = "tome"
     site: ClassVar[str] = "vision"
+    spec_fields: ClassVar[tuple[str, ...]] = ("r",)
     signals: ClassVar[tuple[str, ...]] = ("keys",)
 
     r: int | tuple[int, ...] = 16
