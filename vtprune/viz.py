@@ -347,6 +347,6 @@ def plot_merges(image: Any, panels: Sequence[tuple[str, Any]], path: str | Path 
         axis.imshow(picture, interpolation="nearest")
         axis.set_title(title, fontsize=9)
     if path is not None:
-        figure.savefig(Path(path), format="png")
+        figure.savefig(Path(path), format="png", bbox_inches="tight", pad_inches=0.05)
     return figure
 
