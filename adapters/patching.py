@@ -6,6 +6,8 @@ class's method exactly.
 """
 from __future__ import annotations
 
+import weakref
+
 from typing import Any, Callable
 
 from torch import nn
@@ -19,10 +21,12 @@ class Patch:
 
     def override(self, module: nn.Module, name: str, function: Callable[..., Any]) -> None:
         """Shadow ``module.<name>`` with ``function`` for this instance only."""
+        if isinstance(module.__dict__.get(name), _CopiedOverride):
+            object.__delattr__(module, name)  # left by deepcopy of a patched model: behaves as the class
         if name in module.__dict__:
             raise RuntimeError(f"{type(module).__name__}.{name} is already overridden on this instance "
                                "(patched by another tool?); vtprune will not stack on top of it")
-        object.__setattr__(module, name, function)
+        object.__setattr__(module, name, _Override(function, name, module))
         self._undo.append(lambda: object.__delattr__(module, name))
 
     def hook(self, handle: Any) -> None:
@@ -32,3 +36,61 @@ class Patch:
     def undo(self) -> None:
         while self._undo:
             self._undo.pop()()
+
+
+PICKLE_ERROR = ("a model patched by vtprune cannot be pickled; call handle.remove() (or vtprune.remove(model)) "
+                "first, or save model.state_dict()")
+
+
+class Hook:
+    """A forward hook callable that refuses to be pickled with a clear message."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+
+    def __call__(self, *args: Any) -> Any:
+        return self.function(*args)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(PICKLE_ERROR)
+
+
+class _Override:
+    """An instance-level method override.
+
+    ``copy.deepcopy`` of a patched model yields an *unpatched* copy: each override becomes a
+    :class:`_CopiedOverride` that calls the class's own method on the copy (apply vtprune to the copy
+    again if wanted). Pickling a patched model raises a clear error instead of a closure error.
+    """
+
+    def __init__(self, function: Callable[..., Any], name: str, owner: nn.Module) -> None:
+        self.function = function
+        self.name = name
+        self.owner = weakref.ref(owner)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "_CopiedOverride":
+        owner = self.owner()
+        copied_owner = memo.get(id(owner)) if owner is not None else None
+        return _CopiedOverride(self.name, copied_owner if copied_owner is not None else owner)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(PICKLE_ERROR)
+
+
+class _CopiedOverride:
+    """What a deepcopy of a patched model holds instead of an override: the class's own method."""
+
+    def __init__(self, name: str, owner: nn.Module) -> None:
+        self.name = name
+        self.owner = weakref.ref(owner)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self.owner()
+        return getattr(type(owner), self.name)(owner, *args, **kwargs)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("this model is a copy of a vtprune-patched model; apply vtprune to it again or "
+                        "save model.state_dict()")

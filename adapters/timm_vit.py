@@ -25,7 +25,7 @@ from vtprune.state import Runtime
 from vtprune.view import LayerView
 
 from .base import Inspection
-from .patching import Patch
+from .patching import Hook, Patch
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "k_norm", "num_heads")
@@ -126,7 +126,7 @@ class _KeysSlot:
             if runtime.active() is not None:
                 self._local.keys = output
 
-        return capture
+        return Hook(capture)
 
     def take(self) -> torch.Tensor:
         keys = getattr(self._local, "keys", None)

@@ -127,7 +127,8 @@ class ViTGeometry:
 # --- machine -------------------------------------------------------------------------------------
 
 def machine_info() -> dict[str, Any]:
-    """CPU model (``/proc/cpuinfo``), logical cores, usable cores, torch threads, library versions."""
+    """CPU model (``/proc/cpuinfo``), logical cores, usable cores, torch threads, library versions, and the
+    load average (other processes competing for the cores make the timings unreliable)."""
     import timm
 
     cpu = platform.processor() or platform.machine()
@@ -139,7 +140,8 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable,
+    load = [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {"load_average_1_5_15min": load, "cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable,
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
             "vtprune": vtprune.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
@@ -207,8 +209,12 @@ def build_rows(model: nn.Module, specs: Sequence[str], official: Any = None, off
 
 
 def time_rows(rows: Sequence[Row], images: torch.Tensor, warmup: int, runs: int,
-              progress: Callable[[str], None] = lambda message: None) -> None:
-    """``warmup`` untimed then ``runs`` timed forwards per row, in interleaved rounds."""
+              progress: Callable[[str], None] = lambda message: None) -> float:
+    """``warmup`` untimed then ``runs`` timed forwards per row, in interleaved rounds.
+
+    Returns the CPU utilisation of the timed rounds: process CPU time / (wall time x torch threads).
+    Well below 1 means the threads waited (other processes on the cores, or serial Python work).
+    """
     with torch.inference_mode():
         for row in rows:
             counts, remove = _count_block_tokens(row.model)
@@ -220,6 +226,7 @@ def time_rows(rows: Sequence[Row], images: torch.Tensor, warmup: int, runs: int,
             progress(f"first forward {row.label}: {time.perf_counter() - start:.2f} s")
             for _ in range(warmup - 1):
                 row.model(images)
+        wall, cpu = time.perf_counter(), time.process_time()
         for round_index in range(runs):
             for row in rows:
                 start = time.perf_counter()
@@ -227,6 +234,8 @@ def time_rows(rows: Sequence[Row], images: torch.Tensor, warmup: int, runs: int,
                 row.times.append(time.perf_counter() - start)
             progress(f"round {round_index + 1}/{runs}: " + ", ".join(f"{row.label} {row.times[-1]:.2f} s"
                                                                    for row in rows))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return cpu / (wall * torch.get_num_threads())
 
 
 # --- overhead ------------------------------------------------------------------------------------
@@ -343,6 +352,7 @@ def run(model_name: str = "vit_base_patch16_224", batch_size: int = 32, runs: in
     if threads:
         torch.set_num_threads(threads)
     official = _import_official_tome(official_tome) if official_tome else None
+    machine_before = machine_info()
     torch.manual_seed(seed)
     kwargs = {"img_size": img_size} if img_size else {}
     model = timm.create_model(model_name, pretrained=False, **kwargs).eval().to(DTYPES[dtype])
@@ -351,7 +361,7 @@ def run(model_name: str = "vit_base_patch16_224", batch_size: int = 32, runs: in
     images = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed + 1))
     images = images.to(DTYPES[dtype])
     rows = build_rows(model, policies, official, official_r)
-    time_rows(rows, images, warmup, runs, progress)
+    utilisation = time_rows(rows, images, warmup, runs, progress)
 
     base = rows[0]
     base_median = statistics.median(base.times)
@@ -378,8 +388,11 @@ def run(model_name: str = "vit_base_patch16_224", batch_size: int = 32, runs: in
                 row.handle.remove()
                 progress(f"overhead {row.label} ({overhead_runs} instrumented forwards)")
                 overhead.append(measure_overhead(row.model, row.policy, images, overhead_runs))
+    machine = machine_info()
+    machine["load_average_at_start"] = machine_before["load_average_1_5_15min"]
+    machine["cpu_utilisation_timed"] = round(utilisation, 3)
     return {
-        "machine": machine_info(),
+        "machine": machine,
         "config": {"model": model_name, "img_size": [height, width], "batch_size": batch_size, "runs": runs,
                    "warmup": warmup, "dtype": dtype, "policies": list(policies), "overhead_runs": overhead_runs,
                    "official_tome": official_tome, "official_r": official_r if official else None, "seed": seed,
@@ -419,6 +432,9 @@ def format_report(results: dict[str, Any]) -> str:
         f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores ({machine['usable_cores']} usable), "
         f"torch threads {machine['torch_threads']}; torch {machine['torch']}, timm {machine['timm']}, "
         f"vtprune {machine['vtprune']}, Python {machine['python']}",
+        f"Load average (1/5/15 min) at start {machine.get('load_average_at_start')}, at end "
+        f"{machine.get('load_average_1_5_15min')}; CPU utilisation of the timed runs (process CPU time / "
+        f"(wall x threads)) {machine.get('cpu_utilisation_timed')}",
         f"Model: {config['model']} at {config['img_size'][0]}x{config['img_size'][1]}, {config['weights']}, "
         f"{config['dtype']}, batch {config['batch_size']}, warmup {config['warmup']}, {config['runs']} timed runs, "
         "eval mode, torch.inference_mode()",

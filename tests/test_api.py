@@ -180,3 +180,47 @@ def test_blocks_called_outside_an_entry_point_run_unmerged(images64):
     with torch.no_grad():
         assert torch.equal(model.blocks[0](tokens), pristine.blocks[0](tokens))
     handle.remove()
+
+
+def test_deepcopy_of_a_patched_model_is_unpatched_and_pickle_is_refused(images64):
+    import pickle
+
+    model = small_vit()
+    pristine = copy.deepcopy(model)
+    handle = vtprune.apply(model, vtprune.ToMe(r=2))
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(clone(images64), pristine(images64))
+        assert torch.equal(clone.forward_features(images64), pristine.forward_features(images64))
+        clone_handle = vtprune.apply(clone, vtprune.ToMe(r=2))  # the copy can be patched again
+        clone(images64)
+        assert clone_handle.trace.final_tokens() == 9
+        assert handle.trace is None  # the original's trace is its own
+    with pytest.raises(TypeError, match="cannot be pickled; call handle.remove"):
+        pickle.dumps(model)
+    handle.remove()
+    clone_handle.remove()
+    assert pickle.loads(pickle.dumps(model)) is not None
+
+
+def test_concurrent_calls_in_threads_keep_their_own_state():
+    import threading
+
+    model = small_vit(dtype=torch.float64)
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(n, 3, 64, 64, generator=generator, dtype=torch.float64) for n in (1, 2, 3, 4)]
+    with vtprune.applied(model, vtprune.ToMe(r=2)), torch.no_grad():
+        expected = [model(x) for x in inputs]
+        results = {}
+
+        def work(index):
+            for _ in range(5):
+                results[index] = model(inputs[index])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for index in range(4):
+        torch.testing.assert_close(results[index], expected[index], atol=1e-12, rtol=0)

@@ -59,6 +59,15 @@ def _images():
     return seeded.seeded_images(batch=4, size=224, seed=1, dtype=torch.float64)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """One intra-op thread: these small fp64 forwards get much slower when threads oversubscribe a busy CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _n0(case: dict) -> int:
     return 196 + int(case["model_kwargs"].get("class_token", True)) + int("distilled" in case["model"])
 
