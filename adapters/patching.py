@@ -1,4 +1,4 @@
-"""Reversible per-instance patching: instance attributes that shadow methods, and forward hooks.
+"""Reversible per-instance patching: instance attributes that shadow methods.
 
 Nothing here touches a class: a method is overridden by an instance attribute of the same name, so
 other instances and the library's classes are unaffected, and removing the attribute restores the
@@ -29,10 +29,6 @@ class Patch:
         object.__setattr__(module, name, _Override(function, name, module))
         self._undo.append(lambda: object.__delattr__(module, name))
 
-    def hook(self, handle: Any) -> None:
-        """Take ownership of a ``torch.utils.hooks.RemovableHandle``."""
-        self._undo.append(handle.remove)
-
     def undo(self) -> None:
         while self._undo:
             self._undo.pop()()
@@ -40,19 +36,6 @@ class Patch:
 
 PICKLE_ERROR = ("a model patched by vtprune cannot be pickled; call handle.remove() (or vtprune.remove(model)) "
                 "first, or save model.state_dict()")
-
-
-class Hook:
-    """A forward hook callable that refuses to be pickled with a clear message."""
-
-    def __init__(self, function: Callable[..., Any]) -> None:
-        self.function = function
-
-    def __call__(self, *args: Any) -> Any:
-        return self.function(*args)
-
-    def __reduce__(self) -> Any:
-        raise TypeError(PICKLE_ERROR)
 
 
 class _Override:

@@ -3,8 +3,8 @@
 Reduction point: inside every ``Block``, between the attention residual and the MLP (ToMe's placement).
 The block's own sub-modules run unchanged (LayerScale, q/k-norm, attention norm/gate, drop-path), and
 attention keeps timm's fused SDPA; proportional attention enters as an additive float ``attn_mask``
-``log(size)`` over the keys. Keys averaged over heads are read by a forward hook on ``attn.k_norm``
-(the keys exactly as attention uses them, after q/k-norm).
+``log(size)`` over the keys. Keys averaged over heads are read at ``attn.k_norm`` (its forward is
+wrapped per instance), i.e. the keys exactly as attention uses them, after q/k-norm.
 
 Entry points that start a fresh per-call state: ``forward``, ``forward_features``,
 ``forward_intermediates`` (and ``get_intermediate_layers``, which calls it). ``pool`` is wrapped so
@@ -25,7 +25,7 @@ from vtprune.state import Runtime
 from vtprune.view import LayerView
 
 from .base import Inspection
-from .patching import Hook, Patch
+from .patching import Patch
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "k_norm", "num_heads")
@@ -98,7 +98,7 @@ class TimmViTAdapter:
             keys_slot = _KeysSlot()
             if "keys" in policy.signals:
                 for block in model.blocks:
-                    patch.hook(block.attn.k_norm.register_forward_hook(keys_slot.hook(runtime)))
+                    patch.override(block.attn.k_norm, "forward", keys_slot.capture(block.attn.k_norm, runtime))
             for index, block in enumerate(model.blocks):
                 patch.override(block, "forward",
                                _block_forward(block, index, len(model.blocks), roles, runtime, keys_slot))
@@ -121,12 +121,16 @@ class _KeysSlot:
 
         self._local = threading.local()
 
-    def hook(self, runtime: Runtime):
-        def capture(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    def capture(self, k_norm: nn.Module, runtime: Runtime):
+        original = k_norm.forward
+
+        def forward(keys: torch.Tensor) -> torch.Tensor:
+            output = original(keys)
             if runtime.active() is not None:
                 self._local.keys = output
+            return output
 
-        return Hook(capture)
+        return forward
 
     def take(self) -> torch.Tensor:
         keys = getattr(self._local, "keys", None)
