@@ -136,3 +136,19 @@ def test_pitome_below_half_and_zero_r_layers_are_valid():
         if expected is not None:
             assert counts == expected
         assert handle.size.sum().item() == 197
+
+
+@pytest.mark.parametrize("r", [8, 13, 16])
+def test_tome_float32_agrees_with_the_float64_fixture(r):
+    """fp32 is not an equivalence test (a 1e-7 difference can flip a near-tie): at least 3 of 4 samples
+    must make the same merges, and those agree with the official float64 logits to 1e-4."""
+    case = next(c for c in TOME_CASES if c["r"] == r and c["prop_attn"] and c["model"] == "deit_tiny_patch16_224"
+                and not c["model_kwargs"])
+    model = tiny_vit(dtype=torch.float32)
+    with vtprune.applied(model, ToMe(r=r)) as handle, torch.no_grad():
+        logits = model(seeded_images(4, 224, dtype=torch.float32))
+    same = [torch.equal(handle.assignment[i], case["assignment"][i]) for i in range(4)]
+    assert sum(same) >= 3
+    for i in range(4):
+        if same[i]:
+            torch.testing.assert_close(logits[i].double(), case["logits"][i], atol=1e-4, rtol=0)

@@ -158,18 +158,23 @@ def test_keys_are_taken_after_k_norm(images64):
     torch.testing.assert_close(seen["keys"], expected)
 
 
-def test_register_tokens_are_protected(images64):
-    model = small_vit("vit_tiny_patch16_224", reg_tokens=4, class_token=True)
-    assert vtprune.inspect(model).protected == ("cls", "register", "register", "register", "register")
+@pytest.mark.parametrize("class_token", [True, False])
+def test_register_tokens_are_protected(class_token, images64):
+    model = small_vit("vit_tiny_patch16_224", reg_tokens=4, class_token=class_token,
+                      global_pool="token" if class_token else "avg")
+    roles = ("cls",) * class_token + ("register",) * 4
+    prefix = len(roles)
+    assert vtprune.inspect(model).protected == roles
     for policy in [ToMe(r=8), PiToMe(ratio=0.5)]:
         with vtprune.applied(model, policy) as handle, torch.no_grad():
-            model(images64)
+            out = model(images64)
             assignment = handle.assignment
-            assert torch.equal(assignment[:, :5], torch.arange(5).expand(4, 5))
-            assert (handle.size[:, :5] == 1).all()
-            assert handle.size.sum(1).flatten().tolist() == [21.0] * 4
+            assert torch.equal(assignment[:, :prefix], torch.arange(prefix).expand(4, prefix))
+            assert (handle.size[:, :prefix] == 1).all()
+            assert handle.size.sum(1).flatten().tolist() == [16.0 + prefix] * 4
             # a prefix token never absorbs a patch token
-            assert (assignment[:, 5:] >= 5).all()
+            assert (assignment[:, prefix:] >= prefix).all()
+            assert torch.isfinite(out).all()
 
 
 def test_distillation_token_stays_in_place(images224):
