@@ -64,7 +64,14 @@ class TimmViTAdapter:
         return vit is not None and isinstance(model, vit)
 
     def _check(self, model: nn.Module) -> None:
+        from timm.layers import Attention
+
         for index, block in enumerate(model.blocks):
+            if hasattr(block, "attn") and not isinstance(block.attn, Attention):
+                raise ValueError(
+                    f"timm block {index} uses {type(block.attn).__name__}; the timm-vit adapter supports "
+                    "timm.layers.Attention (whose keys it reads after k_norm)"
+                )
             missing = [part for part in _BLOCK_PARTS if not hasattr(block, part)]
             missing += [f"attn.{part}" for part in _ATTN_PARTS if not hasattr(getattr(block, "attn", None), part)]
             if missing:
@@ -147,10 +154,12 @@ def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[s
     proportional = policy.proportional_attention()
     num_protected = len(roles)
 
-    def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         state = runtime.active()
         if state is None:
-            return original(x, attn_mask=attn_mask, is_causal=is_causal)
+            return original(x, *args, **kwargs)
+        bound = _block_arguments(args, kwargs)
+        attn_mask, is_causal = bound.get("attn_mask"), bound.get("is_causal", False)
         if attn_mask is not None or is_causal:
             raise ValueError("vtprune: token merging cannot be combined with a caller-supplied attn_mask or "
                              "is_causal=True in timm blocks (the mask would not follow the merged tokens); "
@@ -178,13 +187,23 @@ def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[s
     return forward
 
 
+def _block_arguments(args: tuple, kwargs: dict) -> dict:
+    """``Block.forward(x, attn_mask=None, is_causal=False)`` arguments after ``x`` (timm >= 1.0.20)."""
+    names = ("attn_mask", "is_causal")
+    if len(args) > len(names):
+        raise TypeError(f"timm Block.forward takes at most {len(names) + 1} positional arguments")
+    return {**dict(zip(names, args)), **kwargs}
+
+
 def _pool(model: nn.Module, runtime: Runtime):
     original = model.pool
 
     def pool(x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         kind = model.global_pool if pool_type is None else pool_type
-        size = runtime.sizes_for(x) if x.dim() == 3 else None
-        if size is None or getattr(model, "attn_pool", None) is not None or kind not in ("avg", "avgmax"):
+        if getattr(model, "attn_pool", None) is not None or kind not in ("avg", "avgmax") or x.dim() != 3:
+            return original(x, pool_type=pool_type)
+        size = runtime.sizes_for(x)
+        if size is None:
             return original(x, pool_type=pool_type)
         start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
         tokens, weights = x[:, start:], size[:, start:].to(x.dtype)
@@ -203,6 +222,8 @@ def _intermediates_forward(model: nn.Module, runtime: Runtime):
 
     def forward_intermediates(*args: Any, **kwargs: Any) -> Any:
         state = runtime.active()
+        if state is not None:
+            state.record_layers = True  # also when called from inside another entry point
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         params = dict(bound.arguments)

@@ -17,6 +17,16 @@ import torch
 import vtprune
 
 
+def attributes_of(model: torch.nn.Module) -> dict[str, set[str]]:
+    """Instance attribute names of every sub-module (vtprune patches by adding instance attributes)."""
+    return {name: set(vars(module)) for name, module in model.named_modules()}
+
+
+def hooks_of(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: (len(module._forward_hooks), len(module._forward_pre_hooks))
+            for name, module in model.named_modules()}
+
+
 def main() -> int:
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
@@ -26,6 +36,7 @@ def main() -> int:
     with torch.no_grad():
         reference = model(images)
         state_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        attributes_before, hooks_before = attributes_of(model), hooks_of(model)
 
         for policy in (vtprune.ToMe(r=16), vtprune.PiToMe(ratio=0.9)):
             handle = vtprune.apply(model, policy)
@@ -55,11 +66,10 @@ def main() -> int:
     if state_after.keys() != state_before.keys() or any(
             not torch.equal(state_after[name], tensor) for name, tensor in state_before.items()):
         failures.append("the state dict changed")
-    leftovers = [name for name in ("forward", "forward_features", "forward_intermediates", "pool")
-                 if name in vars(model)]
-    leftovers += [f"blocks.{i}.forward" for i, block in enumerate(model.blocks) if "forward" in vars(block)]
-    leftovers += [f"blocks.{i}.attn.k_norm hooks" for i, block in enumerate(model.blocks)
-                  if block.attn.k_norm._forward_hooks]
+    leftovers = [f"{name or 'model'}: {sorted(attributes ^ attributes_before[name])}"
+                 for name, attributes in attributes_of(model).items() if attributes != attributes_before[name]]
+    if hooks_of(model) != hooks_before:
+        leftovers.append("hooks changed")
     if leftovers:
         failures.append(f"patches left behind: {', '.join(leftovers)}")
     if vtprune.handle_of(model) is not None:

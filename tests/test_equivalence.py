@@ -31,6 +31,8 @@ def model_for(name: str, kwargs_items: tuple) -> torch.nn.Module:
 
 def case_id(case: dict) -> str:
     knob = case.get("r", case.get("ratio"))
+    if case.get("variant", "official") != "official":
+        knob = f"{knob}-{case['variant']}"
     extra = "" if case.get("prop_attn", True) or "ratio" in case else "-noprop"
     kwargs = ",".join(f"{k}={v}" for k, v in case["model_kwargs"].items())
     return f"{case['model'].replace('_patch16_224', '')}[{kwargs}]-{knob}{extra}"
@@ -82,7 +84,8 @@ def test_tome_matches_official(case):
 
 @pytest.mark.parametrize("case", PITOME_CASES, ids=[case_id(c) for c in PITOME_CASES])
 def test_pitome_matches_official(case):
-    model, got = run(case, PiToMe(ratio=case["ratio"]))
+    variant = {"official": "first_half", "all_bsm": "all", "all_pure": "none"}[case.get("variant", "official")]
+    model, got = run(case, PiToMe(ratio=case["ratio"], bsm_layers=variant))
     check_merges(case, got)
     torch.testing.assert_close(got["logits"], case["logits"], atol=ATOL, rtol=0)
     torch.testing.assert_close(got["pre_logits"], case["pre_logits"], atol=ATOL, rtol=0)

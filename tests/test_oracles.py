@@ -40,7 +40,10 @@ PITOME = torch.load(FIXTURES / "pitome_golden.pt", weights_only=True)
 def _case_id(case: dict) -> str:
     knob = case["r"] if "r" in case else case["ratio"]
     kwargs = "-".join(f"{k}={v}" for k, v in case["model_kwargs"].items())
-    return "-".join(filter(None, [case["model"], kwargs, f"{knob}", "prop" if case["prop_attn"] else "noprop"]))
+    variant = case.get("variant", "")
+    variant = "" if variant == "official" else variant
+    return "-".join(filter(None, [case["model"], kwargs, f"{knob}", "prop" if case["prop_attn"] else "noprop",
+                                  variant]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +97,12 @@ def test_fixture_meta():
         meta = golden["meta"]
         assert (meta["weights_seed"], meta["images_seed"], meta["batch"], meta["dtype"]) == (0, 1, 4, "float64")
     assert len(TOME["cases"]) == 17
-    assert [c["ratio"] for c in PITOME["cases"]] == [1.0, 0.975, 0.95, 0.925, 0.9, 0.8]
+    assert [(c["ratio"], c["variant"]) for c in PITOME["cases"]] == [
+        (1.0, "official"), (0.975, "official"), (0.95, "official"), (0.925, "official"), (0.9, "official"),
+        (0.8, "official"), (0.9, "all_bsm"), (0.9, "all_pure")]
+    official_map = [True] * 6 + [False] * 6
+    assert [c["use_bsm_pitome"] for c in PITOME["cases"]] == [official_map] * 6 + [[True] * 12, [False] * 12]
+    assert PITOME["meta"]["margins"] == oracles.pitome_margins(12)
 
 
 @pytest.mark.parametrize("case", TOME["cases"] + PITOME["cases"], ids=_case_id)
@@ -125,7 +133,8 @@ def test_fixture_token_counts_match_notes():
         (deit, nocls, "8", True): 100, (deit, nocls, "16", True): 10,
     }
     assert final == expected
-    pitome = {c["ratio"]: (c["tokens_per_layer"][-1], round(c["flops"], 4)) for c in PITOME["cases"]}
+    pitome = {c["ratio"]: (c["tokens_per_layer"][-1], round(c["flops"], 4)) for c in PITOME["cases"]
+              if c["variant"] == "official"}
     assert pitome == {1.0: (197, 1.2246), 0.975: (151, 1.0715), 0.95: (111, 0.9264),
                       0.925: (82, 0.8125), 0.9: (60, 0.7116), 0.8: (17, 0.4559)}
 
@@ -142,7 +151,7 @@ def test_tome_oracle_matches_official(case):
 
 @pytest.mark.parametrize("case", PITOME["cases"], ids=_case_id)
 def test_pitome_oracle_matches_official(case):
-    out = oracles.pitome_forward(model_for(case), _images(), case["ratio"])
+    out = oracles.pitome_forward(model_for(case), _images(), case["ratio"], bsm_layers=case["use_bsm_pitome"])
     _assert_matches(out, case)
     assert out["flops"] == pytest.approx(case["flops"], abs=1e-12)
 
@@ -177,8 +186,16 @@ def test_prop_attn_is_visible_in_logits():
     assert (out["logits"] - case["logits"]).abs().max() > 1e-6
 
 
-def test_pitome_variant_is_visible_in_assignment():
-    case = next(c for c in PITOME["cases"] if c["ratio"] == 0.9)
-    out = oracles.pitome_forward(model_for(case), _images(), 0.9, bsm_layers=[True] * 12)
-    assert out["tokens_per_layer"] == case["tokens_per_layer"]
-    assert not torch.equal(out["assignment"], case["assignment"])
+def test_pitome_default_variant_map_is_official():
+    """Without ``bsm_layers`` the oracle uses the deit schedule (BSM-PiToMe in the first ceil(L/2) layers)."""
+    case = next(c for c in PITOME["cases"] if c["ratio"] == 0.9 and c["variant"] == "official")
+    out = oracles.pitome_forward(model_for(case), _images(), 0.9)
+    assert torch.equal(out["assignment"], case["assignment"])
+
+
+@pytest.mark.parametrize("variant", ["all_bsm", "all_pure"])
+def test_pitome_variant_is_visible_in_assignment(variant):
+    official = next(c for c in PITOME["cases"] if c["ratio"] == 0.9 and c["variant"] == "official")
+    other = next(c for c in PITOME["cases"] if c["ratio"] == 0.9 and c["variant"] == variant)
+    assert other["tokens_per_layer"] == official["tokens_per_layer"]
+    assert not torch.equal(other["assignment"], official["assignment"])

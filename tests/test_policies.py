@@ -42,6 +42,8 @@ def test_tome_r_forms():
     assert ToMe(r=(16, -1)) == ToMe(r=16, inflect=-1.0)
     assert ToMe(r=(16, -1.0)).schedule(12) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
     assert ToMe(r=(8, 0.5)).inflect == 0.5
+    assert ToMe(r=(16, 1)) == ToMe(r=16, inflect=1.0)  # any tuple is (r, inflect), as in parse_r
+    assert ToMe(r=[16, 1]).schedule(3) == [16, 1, 0]
     assert ToMe(r=[25] * 8).schedule(12) == [25] * 8 + [0] * 4
     assert ToMe(r=[1, 2, 3]).schedule(2) == [1, 2]
     assert ToMe(r=[8, 4]).r == (8, 4)  # a list is per-layer, stored as a tuple
@@ -68,6 +70,8 @@ def test_pitome_variant_map():
     (lambda: ToMe(r=True), r"tome: r must be an integer >= 0"),
     (lambda: ToMe(r=[4, -2]), r"tome: r\[1\] must be an integer >= 0, got -2"),
     (lambda: ToMe(r=[]), r"must not be empty"),
+    (lambda: ToMe(r=(1, 2, 3)), r"a tuple r is ToMe's \(r, inflect\) pair.*Pass a list"),
+    (lambda: ToMe(r=(16, -1), inflect=0.5), r"either inside r=\(r, inflect\) or as inflect="),
     (lambda: ToMe(r=16, inflect=1.5), r"tome: inflect must be in \[-1.0, 1.0\], got 1.5"),
     (lambda: ToMe(r=[4, 4], inflect=0.5), r"inflect applies to a constant r"),
     (lambda: ToMe(prop_attn="yes"), r"tome: prop_attn must be true or false"),

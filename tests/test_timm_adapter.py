@@ -214,6 +214,20 @@ def test_forward_head_after_forward_features(images64):
     torch.testing.assert_close(again, features)
 
 
+def test_forward_head_refuses_merged_tokens_of_unknown_sizes(images64):
+    model = small_vit("vit_tiny_patch16_224", class_token=False, global_pool="avg")
+    flipped = images64.flip(-1)
+    with vtprune.applied(model, ToMe(r=3)), torch.no_grad():
+        features = model.forward_features(flipped)
+        final, _ = model.forward_intermediates(images64)
+        # the tensor forward_intermediates returned pools with its own sizes, not the flipped ones
+        torch.testing.assert_close(model.forward_head(final), model(images64))
+        with pytest.raises(ValueError, match="sizes are unknown"):
+            model.forward_head(features.clone())
+        unmerged = torch.randn(4, 16, 64)
+        torch.testing.assert_close(model.forward_head(unmerged, pre_logits=True), model.fc_norm(unmerged.mean(1)))
+
+
 def test_forward_intermediates_unmerged_to_the_grid(images64):
     model = small_vit()
     with vtprune.applied(model, ToMe(r=2)) as handle, torch.no_grad():

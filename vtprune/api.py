@@ -30,9 +30,9 @@ class Handle:
     ``assignment``: ``[B, N0]`` index of the final token containing each original token.
     """
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     policies: tuple[Policy, ...]
-    adapter: Any
+    adapter: Any = field(repr=False)
     _runtime: Runtime = field(repr=False)
     _patch: Any = field(repr=False)
     removed: bool = False

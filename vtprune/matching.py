@@ -72,7 +72,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0
 
 
 def pitome_energy(metric: torch.Tensor, margin: float, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """PiToMe's energy score (Tran et al., NeurIPS 2024, Eq. 4 as in the official code at 550b5de).
+    """PiToMe's energy score (Tran et al., NeurIPS 2024, Sec. 3), as the official code at 550b5de computes it.
 
     ``E_i = mean_j ELU(cos(v_i, v_j) - margin, alpha)`` over all tokens ``j`` including ``i``.
     Returns ``(energy [B, T], similarity [B, T, T])``.

@@ -2,8 +2,8 @@
 
 A :class:`TokenState` lives for exactly one call of a patched entry point (``forward``,
 ``forward_features``, ``forward_intermediates``, ...). Nested entry points (``forward`` calling
-``forward_features``) share the outer call's state. The active state is thread-local, so replicas
-in threads (``nn.DataParallel``) and concurrent callers do not see each other's tokens.
+``forward_features``) share the outer call's state. The active state is thread-local, so concurrent
+callers in threads do not see each other's tokens.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class TokenState:
         """Initialise from the first sequence a reduction site sees (idempotent)."""
         if self.assignment is None:
             self.batch_size, self.num_original = hidden.shape[0], hidden.shape[1]
-            self.assignment = torch.arange(self.num_original, device=hidden.device).expand(self.batch_size, -1)
+            self.assignment = torch.arange(self.num_original, device=hidden.device).repeat(self.batch_size, 1)
 
     def size_dtype(self, hidden: torch.Tensor) -> torch.dtype:
         return torch.promote_types(hidden.dtype, torch.float32)
@@ -116,19 +116,37 @@ class Runtime:
 
     # --- sizes for pooling outside the call that produced the tokens ----------------------------
     def remember_features(self, output: Any, state: TokenState) -> None:
+        """Remember the final token tensor an entry point returned (a tensor, or the first element of a
+        tuple such as ``forward_intermediates``'s ``(final, intermediates)``, or its dict)."""
+        if isinstance(output, (tuple, list)) and output:
+            output = output[0]
+        elif isinstance(output, dict):
+            output = output.get("image_features")
         if isinstance(output, torch.Tensor) and output.dim() == 3 and state.size is not None:
             self._features = (weakref.ref(output), state)
 
     def sizes_for(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """Sizes ``[B, N, 1]`` for a token tensor: from the active call, else from the last
-        ``forward_features`` output of this handle with the same batch and length; ``None`` if the
-        tokens were never merged. Raises if they were merged but no matching sizes are known."""
+        """Sizes ``[B, N, 1]`` of a token tensor that is about to be pooled.
+
+        Inside an entry point: the active call's sizes. Outside (``forward_head`` after
+        ``forward_features``): the sizes of the tensor the last entry point returned, if ``tokens`` is
+        that very tensor. ``None`` when the tokens were never merged. Raises :class:`ValueError` for
+        merged tokens that are not that tensor (their sizes are unknown; pool with ``handle.size``).
+        """
         state = self.active()
-        if state is None and self._features is not None:
-            ref, remembered = self._features
-            if ref() is tokens or (remembered.size is not None
-                                   and remembered.size.shape[:2] == tokens.shape[:2]):
-                state = remembered
-        if state is not None and state.size is not None and state.size.shape[:2] == tokens.shape[:2]:
-            return state.size
+        if state is not None:
+            if state.size is not None and state.size.shape[:2] == tokens.shape[:2]:
+                return state.size
+            return None
+        if self._features is None:
+            return None
+        ref, remembered = self._features
+        if ref() is tokens:
+            return remembered.size
+        if tokens.shape[1] < remembered.num_original:
+            raise ValueError(
+                f"forward_head got {tokens.shape[1]} merged tokens that are not the tensor the last "
+                "forward_features/forward_intermediates call returned, so their sizes are unknown; pass that "
+                "tensor itself, or pool size-weighted yourself with handle.size"
+            )
         return None

@@ -162,7 +162,7 @@ def merge_groups(assignment: Any, num_prefix: int = 1, grid: int | Sequence[int]
     """
     values = _as_assignment(assignment)
     num_prefix = _check_prefix(num_prefix)
-    num_patches = values.size - int(num_prefix)
+    num_patches = values.size - num_prefix
     if num_patches <= 0:
         raise ValueError(f"assignment has {values.size} entries, not more than num_prefix={num_prefix}")
     if grid is None:
@@ -177,7 +177,7 @@ def merge_groups(assignment: Any, num_prefix: int = 1, grid: int | Sequence[int]
             raise ValueError(f"grid {grid_h}x{grid_w} has {grid_h * grid_w} patches but the assignment has "
                              f"{num_patches} patch tokens ({values.size} entries - {num_prefix} prefix); "
                              "check grid and num_prefix")
-    return values[int(num_prefix):].reshape(grid_h, grid_w).copy()
+    return values[num_prefix:].reshape(grid_h, grid_w).copy()
 
 
 def _boundaries(ids: np.ndarray, width: int) -> np.ndarray:
@@ -260,7 +260,7 @@ def draw_merges(image: Any, assignment: Any, patch_size: int | Sequence[int] | N
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     if border:
         out[_boundaries(pixel_groups, border_width)] = colour.astype(np.uint8)
-    return Image.fromarray(out, mode="RGB")
+    return Image.fromarray(out)
 
 
 def _infer_patch_size(height: int, width: int, num_patches: int, num_prefix: int) -> tuple[int, int]:

@@ -18,7 +18,8 @@ from ..view import LayerView
 class PiToMe(Policy):
     """Merge ``floor(T - T*ratio)`` of the ``T`` unprotected tokens in every layer, guided by energy.
 
-    Energy ``E_i = mean_j ELU(cos(v_i, v_j) - m_l)`` (paper Eq. 4, official kernel at 550b5de) with
+    Energy ``E_i = mean_j ELU(cos(v_i, v_j) - m_l)`` (the paper's energy score; its kernel exactly as
+    the official code at 550b5de computes it, which is the reference here) with
     margin ``m_l = margin_start - margin_slope * l / L``. High-energy tokens (in large clusters) are
     merged first; low-energy (isolated) tokens are protected. Defaults reproduce the official DeiT
     configuration: keys as metric, BSM-PiToMe in the first ``ceil(L/2)`` layers and pure PiToMe after,

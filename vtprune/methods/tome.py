@@ -23,9 +23,9 @@ class ToMe(Policy):
     at ``(N - protected) // 2`` per layer, like the official code.
 
     Args:
-        r: tokens merged per layer (int >= 0); or ToMe's schedule pair ``(r, inflect)`` with a float or
-            negative ``inflect`` (split into ``r`` and ``inflect``, e.g. ``(16, -1)``); or a list with
-            one entry per layer (zero-padded to the depth, extra entries ignored; stored as a tuple).
+        r: tokens merged per layer (int >= 0); or ToMe's schedule tuple ``(r, inflect)`` (split into
+            ``r`` and ``inflect``, e.g. ``(16, -1)``); or a list with one entry per layer (zero-padded
+            to the depth, extra entries ignored; stored as an immutable :class:`LayerSchedule`).
         inflect: schedule inflection in [-1, 1]; 0 = constant, -1 = decreasing from 2r to 0.
         prop_attn: proportional attention.
     """
@@ -35,22 +35,29 @@ class ToMe(Policy):
     spec_fields: ClassVar[tuple[str, ...]] = ("r",)
     signals: ClassVar[tuple[str, ...]] = ("keys",)
 
-    r: int | tuple[int, ...] = 16
+    r: int | tuple | list = 16
     inflect: float = 0.0
     prop_attn: bool = True
 
     def __post_init__(self) -> None:
         r, inflect = self.r, self.inflect
-        if _is_inflect_pair(r) and inflect == 0.0:
+        if isinstance(r, tuple) and not isinstance(r, LayerSchedule):
+            if len(r) != 2:
+                raise ValueError(f"tome: a tuple r is ToMe's (r, inflect) pair; got {r!r}. "
+                                 "Pass a list for a per-layer schedule")
+            if inflect != 0.0:
+                raise ValueError("tome: give the inflection either inside r=(r, inflect) or as inflect=, not both")
             r, inflect = r
-        if isinstance(r, (list, tuple)):
-            r = tuple(check_int(f"r[{i}]", value, policy="tome") for i, value in enumerate(r))
+        if isinstance(r, list):
+            r = LayerSchedule(r)
+        if isinstance(r, LayerSchedule):
             if not r:
                 raise ValueError("tome: a per-layer r list must not be empty")
+            r = LayerSchedule(check_int(f"r[{i}]", value, policy="tome") for i, value in enumerate(r))
         else:
             r = check_int("r", r, policy="tome")
         inflect = check_float("inflect", inflect, low=-1.0, high=1.0, policy="tome")
-        if isinstance(r, tuple) and inflect != 0.0:
+        if isinstance(r, LayerSchedule) and inflect != 0.0:
             raise ValueError("tome: inflect applies to a constant r, not to a per-layer list")
         check_bool("prop_attn", self.prop_attn, policy="tome")
         object.__setattr__(self, "r", r)
@@ -58,7 +65,7 @@ class ToMe(Policy):
 
     def schedule(self, num_layers: int) -> list[int]:
         """Tokens to merge in each of ``num_layers`` layers (before the per-layer cap)."""
-        if isinstance(self.r, tuple):
+        if isinstance(self.r, LayerSchedule):
             return tome_schedule(num_layers, 0, layers=self.r)
         return tome_schedule(num_layers, self.r, self.inflect)
 
@@ -72,7 +79,7 @@ class ToMe(Policy):
         return bipartite_soft_matching(view.keys, r, view.num_protected)
 
 
-def _is_inflect_pair(value: object) -> bool:
-    """``(16, -1)`` / ``(16, -1.0)`` / ``(16, 0.5)`` are ToMe's ``(r, inflect)``; ``[16, 8]`` is per-layer."""
-    return (isinstance(value, tuple) and len(value) == 2 and not isinstance(value[1], bool)
-            and (isinstance(value[1], float) or (isinstance(value[1], int) and value[1] < 0)))
+
+class LayerSchedule(tuple):
+    """A per-layer ``r`` (what a list becomes inside a frozen :class:`ToMe`); a plain tuple means
+    ToMe's ``(r, inflect)`` pair, as in the official ``parse_r``."""
