@@ -99,13 +99,15 @@ def test_fixture_meta():
     assert len(TOME["cases"]) == 17
     assert [(c["ratio"], c["variant"]) for c in PITOME["cases"]] == [
         (1.0, "official"), (0.975, "official"), (0.95, "official"), (0.925, "official"), (0.9, "official"),
-        (0.8, "official"), (0.9, "all_bsm"), (0.9, "all_pure")]
+        (0.8, "official")]
+    assert [(c["ratio"], c["variant"]) for c in PITOME["variant_cases"]] == [(0.9, "all_bsm"), (0.9, "all_pure")]
     official_map = [True] * 6 + [False] * 6
-    assert [c["use_bsm_pitome"] for c in PITOME["cases"]] == [official_map] * 6 + [[True] * 12, [False] * 12]
+    assert [c["use_bsm_pitome"] for c in PITOME["cases"]] == [official_map] * 6
+    assert [c["use_bsm_pitome"] for c in PITOME["variant_cases"]] == [[True] * 12, [False] * 12]
     assert PITOME["meta"]["margins"] == oracles.pitome_margins(12)
 
 
-@pytest.mark.parametrize("case", TOME["cases"] + PITOME["cases"], ids=_case_id)
+@pytest.mark.parametrize("case", TOME["cases"] + PITOME["cases"] + PITOME["variant_cases"], ids=_case_id)
 def test_fixture_self_consistent(case):
     n0 = _n0(case)
     size, assignment = case["size"], case["assignment"]
@@ -133,8 +135,7 @@ def test_fixture_token_counts_match_notes():
         (deit, nocls, "8", True): 100, (deit, nocls, "16", True): 10,
     }
     assert final == expected
-    pitome = {c["ratio"]: (c["tokens_per_layer"][-1], round(c["flops"], 4)) for c in PITOME["cases"]
-              if c["variant"] == "official"}
+    pitome = {c["ratio"]: (c["tokens_per_layer"][-1], round(c["flops"], 4)) for c in PITOME["cases"]}
     assert pitome == {1.0: (197, 1.2246), 0.975: (151, 1.0715), 0.95: (111, 0.9264),
                       0.925: (82, 0.8125), 0.9: (60, 0.7116), 0.8: (17, 0.4559)}
 
@@ -149,7 +150,7 @@ def test_tome_oracle_matches_official(case):
     _assert_matches(out, case)
 
 
-@pytest.mark.parametrize("case", PITOME["cases"], ids=_case_id)
+@pytest.mark.parametrize("case", PITOME["cases"] + PITOME["variant_cases"], ids=_case_id)
 def test_pitome_oracle_matches_official(case):
     out = oracles.pitome_forward(model_for(case), _images(), case["ratio"], bsm_layers=case["use_bsm_pitome"])
     _assert_matches(out, case)
@@ -196,6 +197,6 @@ def test_pitome_default_variant_map_is_official():
 @pytest.mark.parametrize("variant", ["all_bsm", "all_pure"])
 def test_pitome_variant_is_visible_in_assignment(variant):
     official = next(c for c in PITOME["cases"] if c["ratio"] == 0.9 and c["variant"] == "official")
-    other = next(c for c in PITOME["cases"] if c["ratio"] == 0.9 and c["variant"] == variant)
+    other = next(c for c in PITOME["variant_cases"] if c["ratio"] == 0.9 and c["variant"] == variant)
     assert other["tokens_per_layer"] == official["tokens_per_layer"]
     assert not torch.equal(other["assignment"], official["assignment"])

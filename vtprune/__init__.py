@@ -12,11 +12,12 @@ from .policy import Policy, parse_spec
 from .reduction import MergePlan
 from .registry import make_policy, policies, register_policy
 from .trace import LayerTokens, Trace
+from . import viz  # noqa: E402  (numpy/pillow only; matplotlib loads inside plot_merges)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyPatchedError", "Handle", "LayerTokens", "MergePlan", "PiToMe", "Policy", "ToMe", "Trace",
     "apply", "applied", "handle_of", "inspect", "last_trace", "make_policy", "parse_spec", "policies",
-    "register_policy", "remove", "__version__",
+    "register_policy", "remove", "viz", "__version__",
 ]
