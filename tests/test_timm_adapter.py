@@ -277,3 +277,36 @@ def test_unsupported_block_layout_raises():
     with pytest.raises(ValueError, match="lacks ls1"):
         vtprune.apply(model, ToMe(r=2))
     assert vtprune.handle_of(model) is None
+
+
+def test_attention_stays_on_sdpa_with_log_size_as_float_mask(images64, monkeypatch):
+    """Proportional attention enters timm's fused SDPA call as an additive float mask log(size)."""
+    import torch.nn.functional as F
+
+    model = small_vit(dtype=torch.float64)
+    assert all(block.attn.fused_attn for block in model.blocks)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with vtprune.applied(model, ToMe(r=2)) as handle, torch.no_grad():
+        model(images64.double())
+    assert len(calls) == 4 and calls[0] is None
+    for layer, mask in enumerate(calls[1:], start=1):
+        assert mask.dtype == torch.float64 and mask.shape == (4, 1, 1, 17 - 2 * layer)
+    torch.testing.assert_close(calls[-1].exp().sum(-1).flatten(), torch.full((4,), 17.0, dtype=torch.float64))
+    calls.clear()
+    with vtprune.applied(model, ToMe(r=2, prop_attn=False)), torch.no_grad():
+        model(images64.double())
+    assert calls == [None] * 4
+
+
+def test_forward_intermediates_rejects_unknown_output_format(images64):
+    model = small_vit()
+    with vtprune.applied(model, ToMe(r=2)), torch.no_grad():
+        with pytest.raises(ValueError, match="output_fmt must be 'NCHW' or 'NLC', got 'NHWC'"):
+            model.forward_intermediates(images64, output_fmt="NHWC")
