@@ -5,12 +5,16 @@
 and reports for the unpatched model and every policy:
 
 * images/s: ``batch / median`` of ``--runs`` timed forwards (``time.perf_counter``) after ``--warmup``
-  untimed ones. Rows are timed in interleaved rounds (one forward of every row per round), so slow
-  drift of the machine affects all rows alike;
+  untimed ones (the first forward, which records the token counts, is never timed). Rows are timed in
+  interleaved rounds (one forward of every row per round), so slow drift of the machine affects all
+  rows alike;
 * measured speed-up: unpatched median / policy median;
 * predicted speed-up: unpatched MACs / policy MACs, from the policy's token trace and
   :func:`vit_macs` (attention at the tokens entering a block, MLP at the tokens leaving it);
-* measured / predicted.
+* measured / predicted;
+* CPU-time speed-up: the same ratio with process CPU time, and the CPU utilisation of the timed runs
+  (process CPU time / (wall time x threads)): well below 1 means other processes took the cores and
+  the wall times are not to be trusted.
 
 Pruning overhead (``--overhead-runs``): the policy is wrapped so that every ``reduce`` call (the
 matching, including reading the keys signal) is timed *in situ* during a real patched forward, and
@@ -158,6 +162,7 @@ class Row:
     policy: Policy | None = None
     handle: Any = None
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
     block_tokens: list[tuple[int, int]] = field(default_factory=list)
     output: torch.Tensor | None = None
 
@@ -229,9 +234,10 @@ def time_rows(rows: Sequence[Row], images: torch.Tensor, warmup: int, runs: int,
         wall, cpu = time.perf_counter(), time.process_time()
         for round_index in range(runs):
             for row in rows:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 row.output = row.model(images)
                 row.times.append(time.perf_counter() - start)
+                row.cpu_times.append(time.process_time() - cpu_start)
             progress(f"round {round_index + 1}/{runs}: " + ", ".join(f"{row.label} {row.times[-1]:.2f} s"
                                                                    for row in rows))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -239,6 +245,16 @@ def time_rows(rows: Sequence[Row], images: torch.Tensor, warmup: int, runs: int,
 
 
 # --- overhead ------------------------------------------------------------------------------------
+
+def _now() -> tuple[float, float]:
+    """(wall, process CPU) clocks."""
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _now()
+    return wall - start[0], cpu - start[1]
+
 
 class _TimedPolicy(Policy):
     """Delegates to ``inner`` and records, per reduction point, the time of ``reduce`` and its inputs."""
@@ -248,15 +264,15 @@ class _TimedPolicy(Policy):
         self.name = inner.name
         self.site = inner.site
         self.signals = tuple(inner.signals)
-        self.records: list[tuple[int, float, torch.Tensor, Any]] = []
+        self.records: list[tuple[int, tuple[float, float], torch.Tensor, Any]] = []
 
     def proportional_attention(self) -> bool:
         return self.inner.proportional_attention()
 
     def reduce(self, view):
-        start = time.perf_counter()
+        start = _now()
         plan = self.inner.reduce(view)
-        self.records.append((view.layer, time.perf_counter() - start, view.hidden, plan))
+        self.records.append((view.layer, _since(start), view.hidden, plan))
         return plan
 
     def __str__(self) -> str:
@@ -267,21 +283,22 @@ def measure_overhead(model: nn.Module, policy: Policy, images: torch.Tensor, run
                      replays: int = 3) -> dict[str, Any]:
     """Matching + merge time of ``policy`` per block vs the block's time (see the module docstring).
 
-    Per block: ``block_ms`` (in situ, forward hooks), ``match_ms`` (in situ, ``policy.reduce``
-    including its signals), ``merge_ms`` (``TokenState.apply`` replayed ``replays`` times on the last
-    forward's inputs and plans). Times are medians over runs (replays for the merge).
+    Per block: ``block`` (in situ, forward hooks), ``match`` (in situ, ``policy.reduce`` including its
+    signals), ``merge`` (``TokenState.apply`` replayed ``replays`` times on the last forward's inputs and
+    plans); each in milliseconds of wall time (``*_ms``) and of process CPU time (``*_cpu_ms``), medians
+    over runs (replays for the merge).
     """
     timed = _TimedPolicy(policy)
     num_blocks = len(model.blocks)
-    block_times: list[list[float]] = [[] for _ in range(num_blocks)]
-    match_times: list[list[float]] = [[] for _ in range(num_blocks)]
-    starts = [0.0] * num_blocks
+    samples: dict[str, list[list[tuple[float, float]]]] = {
+        part: [[] for _ in range(num_blocks)] for part in ("block", "match", "merge")}
+    starts: list[tuple[float, float]] = [(0.0, 0.0)] * num_blocks
     hooks = []
     for index, block in enumerate(model.blocks):
         hooks.append(block.register_forward_pre_hook(
-            lambda module, args, i=index: starts.__setitem__(i, time.perf_counter())))
+            lambda module, args, i=index: starts.__setitem__(i, _now())))
         hooks.append(block.register_forward_hook(
-            lambda module, args, out, i=index: block_times[i].append(time.perf_counter() - starts[i])))
+            lambda module, args, out, i=index: samples["block"][i].append(_since(starts[i]))))
     forward_times = []
     try:
         with vtprune.applied(model, timed) as handle, torch.inference_mode():
@@ -291,45 +308,55 @@ def measure_overhead(model: nn.Module, policy: Policy, images: torch.Tensor, run
                 model(images)
                 forward_times.append(time.perf_counter() - start)
                 for layer, seconds, _, _ in timed.records:
-                    match_times[layer].append(seconds)
+                    samples["match"][layer].append(seconds)
             trace = handle.trace.layers("vision")
             records = list(timed.records)
-            merge_times: list[list[float]] = [[] for _ in range(num_blocks)]
             for _ in range(replays):
                 state = TokenState()
                 state.start(records[0][2])
                 for layer, _, hidden, plan in records:
-                    start = time.perf_counter()
+                    start_merge = _now()
                     state.apply(hidden, plan)
-                    merge_times[layer].append(time.perf_counter() - start)
+                    samples["merge"][layer].append(_since(start_merge))
     finally:
         for hook in hooks:
             hook.remove()
+
+    def median_ms(part: str, layer: int, clock: int) -> float:
+        values = [sample[clock] for sample in samples[part][layer]]
+        return 1e3 * statistics.median(values) if values else 0.0
+
     layers = []
     for index in range(num_blocks):
-        block_ms = 1e3 * statistics.median(block_times[index])
-        match_ms = 1e3 * statistics.median(match_times[index]) if match_times[index] else 0.0
-        merge_ms = 1e3 * statistics.median(merge_times[index]) if merge_times[index] else 0.0
-        layers.append({"layer": index, "tokens_in": trace[index].tokens_in, "tokens_out": trace[index].tokens_out,
-                       "block_ms": block_ms, "match_ms": match_ms, "merge_ms": merge_ms,
-                       "fraction": (match_ms + merge_ms) / block_ms})
-    total_block = sum(layer["block_ms"] for layer in layers)
-    total_match = sum(layer["match_ms"] for layer in layers)
-    total_merge = sum(layer["merge_ms"] for layer in layers)
+        entry: dict[str, Any] = {"layer": index, "tokens_in": trace[index].tokens_in,
+                                 "tokens_out": trace[index].tokens_out}
+        for clock, suffix in ((0, "ms"), (1, "cpu_ms")):
+            for part in ("block", "match", "merge"):
+                entry[f"{part}_{suffix}"] = median_ms(part, index, clock)
+        entry["fraction"] = (entry["match_ms"] + entry["merge_ms"]) / entry["block_ms"]
+        entry["cpu_fraction"] = (entry["match_cpu_ms"] + entry["merge_cpu_ms"]) / max(entry["block_cpu_ms"], 1e-9)
+        layers.append(entry)
+
+    def total(key: str) -> float:
+        return sum(layer[key] for layer in layers)
+
     return {
         "policy": str(policy), "runs": runs, "replays": replays,
         "forward_s": statistics.median(forward_times),
-        "block_ms_mean": total_block / num_blocks, "match_ms_mean": total_match / num_blocks,
-        "merge_ms_mean": total_merge / num_blocks,
-        "fraction": (total_match + total_merge) / total_block,
+        "block_ms_mean": total("block_ms") / num_blocks, "match_ms_mean": total("match_ms") / num_blocks,
+        "merge_ms_mean": total("merge_ms") / num_blocks,
+        "fraction": (total("match_ms") + total("merge_ms")) / total("block_ms"),
         "max_layer_fraction": max(layer["fraction"] for layer in layers),
+        "cpu_fraction": (total("match_cpu_ms") + total("merge_cpu_ms")) / max(total("block_cpu_ms"), 1e-9),
         "layers": layers,
     }
 
 
 # --- the benchmark -------------------------------------------------------------------------------
 
-METHOD = ("images/s = batch / median of the timed forwards (rows interleaved per round). Predicted speed-up = "
+METHOD = ("images/s = batch / median of the timed forwards (rows interleaved per round). CPU-time speed-up: the "
+          "same ratio with process CPU time (time.process_time) per forward; with one thread it is insensitive to "
+          "other processes sharing the cores, with several it also counts OpenMP spin-waiting. Predicted speed-up = "
           "MACs(unpatched) / MACs(policy) from the token trace (attention at tokens entering a block, MLP at "
           "tokens leaving it, plus patch embedding and head). Overhead: policy.reduce (matching incl. its "
           "signals) timed in situ in a patched forward, TokenState.apply (merge + source map) replayed on that "
@@ -365,6 +392,7 @@ def run(model_name: str = "vit_base_patch16_224", batch_size: int = 32, runs: in
 
     base = rows[0]
     base_median = statistics.median(base.times)
+    base_cpu = statistics.median(base.cpu_times)
     base_macs = geometry.macs(base.block_tokens)
     results = []
     for row in rows:
@@ -375,6 +403,7 @@ def run(model_name: str = "vit_base_patch16_224", batch_size: int = 32, runs: in
         results.append({
             "label": row.label, "kind": row.kind, "policy": row.policy.to_dict() if row.policy else None,
             "times_s": row.times, "median_s": median, "images_per_s": batch_size / median,
+            "cpu_times_s": row.cpu_times, "cpu_speedup": base_cpu / statistics.median(row.cpu_times),
             "speedup": measured, "predicted_speedup": predicted, "measured_over_predicted": measured / predicted,
             "final_tokens": row.block_tokens[-1][1] if row.block_tokens else None,
             "block_tokens": row.block_tokens, "macs": macs,
@@ -440,15 +469,15 @@ def format_report(results: dict[str, Any]) -> str:
         "eval mode, torch.inference_mode()",
         "",
         "| configuration | final tokens | GMACs/img | s/batch median (min-max) | images/s | measured speed-up "
-        "| predicted speed-up | measured / predicted |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| predicted speed-up | measured / predicted | CPU-time speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
         lines.append(
             f"| {row['label']} | {row['final_tokens']} | {row['macs']['total'] / 1e9:.2f} | "
             f"{row['median_s']:.3f} ({min(row['times_s']):.3f}-{max(row['times_s']):.3f}) | "
             f"{row['images_per_s']:.2f} | {row['speedup']:.2f}x | {row['predicted_speedup']:.2f}x | "
-            f"{row['measured_over_predicted']:.2f} |")
+            f"{row['measured_over_predicted']:.2f} | {row['cpu_speedup']:.2f}x |")
     comparison = results.get("official_comparison")
     if comparison:
         lines += ["", f"Official ToMe vs the unpatched model with the same eager attention kernel: "
@@ -460,13 +489,15 @@ def format_report(results: dict[str, Any]) -> str:
                          f"{comparison['max_abs_logit_diff']:.2e}.")
     if results["overhead"]:
         lines += ["", "Pruning overhead (matching + merge) per block:", "",
-                  "| policy | block ms (mean) | matching ms | merge ms | overhead / block time | worst block |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| policy | block ms (mean) | matching ms | merge ms | overhead / block time | worst block "
+                  "| overhead / block, CPU time |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for item in results["overhead"]:
             worst = max(item["layers"], key=lambda layer: layer["fraction"])
             lines.append(f"| {item['policy']} | {item['block_ms_mean']:.1f} | {item['match_ms_mean']:.2f} | "
                          f"{item['merge_ms_mean']:.2f} | {100 * item['fraction']:.2f}% | "
-                         f"{100 * worst['fraction']:.2f}% (block {worst['layer']}, {worst['tokens_in']} tokens) |")
+                         f"{100 * worst['fraction']:.2f}% (block {worst['layer']}, {worst['tokens_in']} tokens) | "
+                         f"{100 * item['cpu_fraction']:.2f}% |")
     lines += ["", f"Method: {results['method']} MACs: multiply-accumulates per image (1 MAC = 2 FLOPs)."]
     return "\n".join(lines)
 

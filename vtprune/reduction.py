@@ -43,14 +43,28 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> tupl
 
     Returns ``(x_out [B, N_out, C], size_out [B, N_out, 1])``. The arithmetic happens in ``size``'s dtype
     (at least float32) and the result is cast back to ``x``'s dtype. Differentiable w.r.t. ``x``.
+    Rows are selected and accumulated on the flattened ``[B*N, C]`` view (``index_select`` /
+    ``index_add``), which is several times faster on CPU than channel-expanded ``gather``/``scatter``.
     """
-    weighted = x.to(size.dtype) * size
-    out = weighted.gather(1, _expand(plan.keep, weighted))
-    size_out = size.gather(1, _expand(plan.keep, size))
+    batch, num_in, channels = x.shape
+    num_out = plan.num_out
+    rows = x.reshape(batch * num_in, channels)
+    sizes = size.reshape(batch * num_in, 1)
+    keep = (plan.keep + _row_offsets(batch, num_in, plan.keep)).reshape(-1)
+    size_out = sizes.index_select(0, keep)
+    out = rows.index_select(0, keep).to(size.dtype) * size_out
     if plan.src.shape[1]:
-        out = out.scatter_add(1, _expand(plan.dst, out), weighted.gather(1, _expand(plan.src, weighted)))
-        size_out = size_out.scatter_add(1, _expand(plan.dst, size_out), size.gather(1, _expand(plan.src, size)))
-    return (out / size_out).to(x.dtype), size_out
+        src = (plan.src + _row_offsets(batch, num_in, plan.src)).reshape(-1)
+        dst = (plan.dst + _row_offsets(batch, num_out, plan.dst)).reshape(-1)
+        src_sizes = sizes.index_select(0, src)
+        out = out.index_add(0, dst, rows.index_select(0, src).to(size.dtype) * src_sizes)
+        size_out = size_out.index_add(0, dst, src_sizes)
+    out = (out / size_out).to(x.dtype)
+    return out.view(batch, num_out, channels), size_out.view(batch, num_out, 1)
+
+
+def _row_offsets(batch: int, length: int, like: torch.Tensor) -> torch.Tensor:
+    return (torch.arange(batch, device=like.device) * length).unsqueeze(1)
 
 
 def merge_mean(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
