@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 import vtprune
+from vtprune.flops import vit_macs  # the analytic count (re-exported here: vtprune.evals.bench.vit_macs)
 from vtprune.policy import Policy
 from vtprune.state import TokenState
 
@@ -56,37 +57,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # --- the analytic count ------------------------------------------------------------------------
-
-def vit_macs(block_tokens: Sequence[tuple[int, int]], *, dim: int, mlp_ratio: float, num_patches: int = 0,
-             patch_dim: int = 0, num_classes: int = 0) -> dict[str, int]:
-    """Multiply-accumulates (MACs) per image of a ViT forward, from the tokens each block processes.
-
-    ``block_tokens``: one ``(attention_tokens, mlp_tokens)`` pair per block. For ToMe-style merging
-    between attention and MLP these are the tokens entering and leaving the block (``LayerTokens``
-    ``tokens_in`` / ``tokens_out`` with ``reduced="mid"``); an unreduced block has both equal.
-
-    Per block, with ``N_in`` attention tokens, ``N_out`` MLP tokens and width ``C``:
-
-    * ``4·N_in·C²``: the q, k, v and output projections;
-    * ``2·N_in²·C``: the attention scores ``q·kᵀ`` and the mixing ``softmax(·)·v``;
-    * ``2·mlp_ratio·N_out·C²``: the two MLP linears.
-
-    Constant terms: patch embedding ``num_patches·patch_dim·C`` (``patch_dim = in_chans·p²``) and the
-    head ``C·num_classes``. LayerNorm, softmax, GELU, biases, pooling and the merging itself are not
-    counted. Unit: MACs (one multiply-accumulate = 2 FLOPs); this is the convention of the ToMe and
-    PiToMe papers' "GFLOPs". ViT-B/16 at 224 (197 tokens, C=768, 12 blocks, mlp_ratio 4): blocks
-    17.45 G unmerged and 8.66 G with ToMe r=16; 17.56 G total unmerged with embedding and head.
-
-    Returns ``{"blocks", "patch_embed", "head", "total"}`` in MACs per image.
-    """
-    blocks = 0
-    for attention_tokens, mlp_tokens in block_tokens:
-        blocks += 4 * attention_tokens * dim * dim + 2 * attention_tokens * attention_tokens * dim
-        blocks += round(2 * mlp_ratio * mlp_tokens * dim * dim)
-    patch_embed = num_patches * patch_dim * dim
-    head = dim * num_classes
-    return {"blocks": blocks, "patch_embed": patch_embed, "head": head, "total": blocks + patch_embed + head}
-
 
 def block_tokens_from_trace(layers: Sequence[Any]) -> list[tuple[int, int]]:
     """``(attention_tokens, mlp_tokens)`` per block from ``LayerTokens`` (``reduced`` ``"mid"`` or ``"none"``)."""

@@ -1,4 +1,4 @@
-"""The ``vtprune`` command line. One subcommand per eval tool; currently ``bench``.
+"""The ``vtprune`` command line. One subcommand per eval tool: ``bench``, ``flops``.
 
 To add a subcommand, write a module in ``evals/`` with ``HELP`` (one line), ``add_arguments(parser)``
 and ``run_from_args(args) -> int``, and list it in :data:`SUBCOMMANDS`.
@@ -9,7 +9,7 @@ import argparse
 import importlib
 from typing import Sequence
 
-SUBCOMMANDS = {"bench": "vtprune.evals.bench"}
+SUBCOMMANDS = {"bench": "vtprune.evals.bench", "flops": "vtprune.evals.flops_cli"}
 
 
 def build_parser() -> argparse.ArgumentParser:

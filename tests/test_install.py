@@ -38,13 +38,17 @@ def test_regular_install_puts_adapters_and_evals_inside_vtprune(tmp_path):
                     "--target", str(target), str(REPO)], check=True, capture_output=True, cwd=tmp_path)
     assert (target / "vtprune" / "adapters" / "timm_vit.py").is_file()
     assert (target / "vtprune" / "evals" / "__init__.py").is_file()
+    assert (target / "vtprune" / "configs" / "llava-1.5-7b.json").is_file()  # package data: the FLOPs configs
     assert not (target / "adapters").exists() and not (target / "evals").exists()
-    probe = ("import vtprune, vtprune.adapters, vtprune.evals, json; "
-             "print(json.dumps([vtprune.__file__, vtprune.adapters.__file__, vtprune.evals.__file__]))")
+    probe = ("import vtprune, vtprune.adapters, vtprune.evals, vtprune.flops, json; "
+             "print(json.dumps([vtprune.__file__, vtprune.adapters.__file__, vtprune.evals.__file__, "
+             "vtprune.flops.estimate('llava-1.5-7b').total]))")
     env = dict(os.environ, PYTHONPATH=str(target))
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
                          env=env, cwd=tmp_path)
-    files = [Path(p).resolve() for p in json.loads(out.stdout)]
+    *paths, total = json.loads(out.stdout)
+    files = [Path(p).resolve() for p in paths]
     assert files == [target.resolve() / "vtprune" / "__init__.py",
                      target.resolve() / "vtprune" / "adapters" / "__init__.py",
                      target.resolve() / "vtprune" / "evals" / "__init__.py"]
+    assert round(total / 1e12, 2) == 3.82  # read from the installed config file

@@ -13,11 +13,12 @@ from .reduction import MergePlan
 from .registry import make_policy, policies, register_policy
 from .trace import LayerTokens, Trace
 from . import viz  # noqa: E402  (numpy/pillow only; matplotlib loads inside plot_merges)
+from . import flops  # noqa: E402  (no host library at import time)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyPatchedError", "Handle", "LayerTokens", "MergePlan", "PiToMe", "Policy", "ToMe", "Trace",
     "apply", "applied", "handle_of", "inspect", "last_trace", "make_policy", "parse_spec", "policies",
-    "register_policy", "remove", "viz", "__version__",
+    "register_policy", "remove", "viz", "flops", "__version__",
 ]

@@ -40,6 +40,29 @@ class Policy:
         """Whether attention should see ``log(size)`` added to the key logits (ToMe's prop-attn)."""
         return False
 
+    # --- cost accounting (used by vtprune.flops; no model is run) --------------------------------
+    def token_schedule(self, num_tokens: int, num_layers: int,
+                       num_protected: int = 0) -> list[tuple[int, int]]:
+        """``(attention_tokens, mlp_tokens)`` per layer when ``num_tokens`` tokens (the first
+        ``num_protected`` of them protected) enter a stack of ``num_layers`` layers.
+
+        Policies whose counts follow from their hyperparameters alone implement this (ToMe, PiToMe);
+        policies whose counts depend on the input cannot, and are costed from the trace of a real
+        forward (``vtprune.flops.estimate(config, schedule=handle.trace, policy=policy)``).
+        """
+        raise NotImplementedError(
+            f"policy {self.name!r} has no analytic token schedule (its token counts depend on the input); "
+            "cost it from the trace of a real forward: vtprune.flops.estimate(config, schedule=handle.trace, "
+            "policy=policy)")
+
+    def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int]) -> int:
+        """Multiply-accumulates of the matrix products the policy itself computes at one layer that
+        reduces ``num_tokens`` tokens (similarity matrices, scores); ``dims`` maps a signal name
+        (``"keys"``, ``"hidden"``) to its width. Element-wise work (norms, sorting, gathers) is not
+        counted, as in the layers' own count. Default: 0.
+        """
+        return 0
+
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """``{"policy": name, field: value, ...}`` with tuples written as lists (JSON/YAML-safe)."""

@@ -44,3 +44,95 @@ def pitome_uses_bsm(layer: int, num_layers: int, bsm_layers: str) -> bool:
     if bsm_layers == "second_half":
         return layer >= half
     return bsm_layers == "all"
+
+
+# --- token schedules: how many tokens each layer sees, without running a model -------------------
+#
+# A token schedule is one ``(attention_tokens, mlp_tokens)`` pair per layer: the tokens a layer's
+# attention runs on (those entering it) and those its MLP runs on (after a merge between attention and
+# MLP, ToMe's placement). A layer that reduces nothing has both equal. ``vtprune.flops`` costs these.
+
+
+def tome_token_schedule(num_tokens: int, merges: Sequence[int], num_protected: int = 0) -> list[tuple[int, int]]:
+    """Token counts of ToMe with ``merges[l]`` tokens requested in layer ``l`` (:func:`tome_schedule`).
+
+    Each layer merges ``min(r_l, (N_l - num_protected) // 2)`` tokens between attention and MLP: the
+    official cap (a bipartite matching cannot merge more than the smaller set), protected prefix tokens
+    excluded as in :func:`vtprune.matching.bipartite_soft_matching`. ViT-B/16 at 224, ``r = 16``:
+    197 -> 181 -> ... -> 21 -> 11.
+    """
+    pairs = []
+    for r in merges:
+        merged = max(0, min(int(r), (num_tokens - num_protected) // 2))
+        pairs.append((num_tokens, num_tokens - merged))
+        num_tokens -= merged
+    return pairs
+
+
+def pitome_token_schedule(num_tokens: int, num_layers: int, ratio: float,
+                          num_protected: int = 0) -> list[tuple[int, int]]:
+    """Token counts of PiToMe at keep ratio ``ratio`` (merging.md §3.2).
+
+    Each layer merges ``floor(T - T * ratio)`` of its ``T`` unprotected tokens (this exact rounding,
+    :func:`vtprune.matching.pitome_removed_count`), clamped to ``T // 2`` (vtprune's fix of the official
+    code's crash below ratio 0.5), between attention and MLP. DeiT (197 tokens, 12 layers) at 0.9:
+    197 -> 177 -> ... -> 60.
+    """
+    from .matching import pitome_removed_count
+
+    pairs = []
+    for _ in range(num_layers):
+        unprotected = num_tokens - num_protected
+        merged = max(0, min(pitome_removed_count(unprotected, ratio), unprotected // 2))
+        pairs.append((num_tokens, num_tokens - merged))
+        num_tokens -= merged
+    return pairs
+
+
+def stage_schedule(num_tokens: int, cuts: dict[int, int], num_layers: int) -> list[int]:
+    """Tokens entering each of ``num_layers`` layers when pruning happens between layers.
+
+    ``cuts`` maps a 0-based layer index to the token count from that layer on; e.g. FastV with K=2,
+    R=0.5 on 576 visual tokens is ``stage_schedule(576, {2: 288}, 32)`` (layers 0-1 see 576, layers
+    2-31 see 288), PDrop is ``stage_schedule(576, {8: 288, 16: 144, 24: 72}, 32)``.
+    """
+    bad = [layer for layer in cuts if not 0 <= layer < num_layers]
+    if bad:
+        raise ValueError(f"cut layers {bad} are outside 0..{num_layers - 1}")
+    counts, current = [], num_tokens
+    for layer in range(num_layers):
+        current = cuts.get(layer, current)
+        counts.append(current)
+    return counts
+
+
+def parse_schedule(text: str) -> list:
+    """Parse a schedule written as text: comma-separated per-layer entries.
+
+    An entry is a token count (``576``), a count repeated over several layers (``576x2``), or an
+    ``attention:mlp`` pair for a layer that merges between attention and MLP (``197:181``, also
+    repeatable: ``197:197x3``). ``"576x2,288x30"`` is FastV K=2 R=0.5 on LLaVA-1.5.
+    """
+    entries: list = []
+    for item in (part.strip() for part in str(text).split(",")):
+        if not item:
+            continue
+        value, times = item, "1"
+        if "x" in item.lower():
+            value, _, times = item.lower().partition("x")
+        try:
+            count = int(times)
+            if ":" in value:
+                first, _, second = value.partition(":")
+                entry: int | tuple[int, int] = (int(first), int(second))
+            else:
+                entry = int(value)
+        except ValueError:
+            raise ValueError(f"bad schedule entry {item!r} in {text!r}: expected N, NxK (N tokens for K layers) "
+                             "or A:M (attention at A tokens, MLP at M), separated by commas") from None
+        if count < 1:
+            raise ValueError(f"bad repeat count in schedule entry {item!r}: it must be at least 1")
+        entries.extend([entry] * count)
+    if not entries:
+        raise ValueError(f"empty schedule {text!r}: give one token count per layer, e.g. '576x2,288x30'")
+    return entries

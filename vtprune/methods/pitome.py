@@ -9,7 +9,7 @@ from ..matching import pitome_matching, pitome_removed_count
 from ..policy import Policy, check_bool, check_choice, check_float
 from ..reduction import MergePlan
 from ..registry import register_policy
-from ..schedules import pitome_margin, pitome_uses_bsm
+from ..schedules import pitome_margin, pitome_token_schedule, pitome_uses_bsm
 from ..view import LayerView
 
 
@@ -67,6 +67,18 @@ class PiToMe(Policy):
 
     def proportional_attention(self) -> bool:
         return self.prop_attn
+
+    def token_schedule(self, num_tokens: int, num_layers: int,
+                       num_protected: int = 0) -> list[tuple[int, int]]:
+        """Attention and MLP token counts per layer: ``floor(T - T*ratio)`` of the ``T`` unprotected
+        tokens merged, clamped to ``T // 2``."""
+        return pitome_token_schedule(num_tokens, num_layers, self.ratio, num_protected)
+
+    def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int]) -> int:
+        """The energy's cosine-similarity matrix over the ``T`` unprotected tokens: ``T² · d_metric``
+        (the BSM variant reuses it for its scores)."""
+        unprotected = num_tokens - num_protected
+        return unprotected * unprotected * dims[self.metric]
 
     def margin(self, layer: int, num_layers: int) -> float:
         return pitome_margin(layer, num_layers, self.margin_start, self.margin_slope)

@@ -8,7 +8,7 @@ from ..matching import bipartite_soft_matching
 from ..policy import Policy, check_bool, check_float, check_int
 from ..reduction import MergePlan
 from ..registry import register_policy
-from ..schedules import tome_schedule
+from ..schedules import tome_schedule, tome_token_schedule
 from ..view import LayerView
 
 
@@ -71,6 +71,16 @@ class ToMe(Policy):
 
     def proportional_attention(self) -> bool:
         return self.prop_attn
+
+    def token_schedule(self, num_tokens: int, num_layers: int,
+                       num_protected: int = 0) -> list[tuple[int, int]]:
+        """Attention and MLP token counts per layer: ``r_l`` capped at ``(N_l - num_protected) // 2``."""
+        return tome_token_schedule(num_tokens, self.schedule(num_layers), num_protected)
+
+    def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int]) -> int:
+        """The score matrix ``A @ Bᵀ`` of bipartite matching: ``ceil(N/2) · floor(N/2) · d_keys``
+        (protected tokens are in it, masked afterwards)."""
+        return ((num_tokens + 1) // 2) * (num_tokens // 2) * dims["keys"]
 
     def reduce(self, view: LayerView) -> MergePlan | None:
         r = self.schedule(view.num_layers)[view.layer]

@@ -1,0 +1,364 @@
+"""vtprune.flops: the papers' cost tables reproduced analytically, and analytic vs measured FLOPs on tiny models."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import timm
+import torch
+
+import vtprune
+from vtprune import flops
+from vtprune.evals import cli
+from vtprune.schedules import parse_schedule, pitome_token_schedule, stage_schedule, tome_token_schedule
+
+T = 1e12
+G = 1e9
+
+
+def tera(config, **kwargs) -> float:
+    return round(flops.estimate(config, **kwargs).total / T, 2)
+
+
+# --- the papers, paper preset (MACs, LLM over visual tokens only, prefill only, SwiGLU 3 matrices) ----------
+
+def _transprune_high(n: int) -> list[int]:
+    # keep ratios 1 -> .875 -> .625 -> .125 of the initial visual tokens after (1-based) layers 7, 9, 12
+    return stage_schedule(n, {7: int(n * 0.875), 9: int(n * 0.625), 12: int(n * 0.125)}, 32)
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    (None, 3.82),                                                    # vanilla, 576 visual tokens
+    (stage_schedule(576, {2: 288}, 32), 2.01),                       # FastV K=2 R=0.5
+    (stage_schedule(576, {2: 144}, 32), 1.12),                       # FastV K=2 R=0.75
+    (stage_schedule(576, {8: 288, 16: 144, 24: 72}, 32), 1.78),      # PDrop
+    (_transprune_high(576), 1.56),                                   # TransPrune-High 576/504/360/72
+])
+def test_llava_15_7b_paper_numbers(schedule, expected):
+    assert tera("llava-1.5-7b", schedule=schedule) == expected
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    (None, 20.83),                                                   # nominal 2880 visual tokens
+    (stage_schedule(2880, {2: 1440}, 32), 10.55),                    # FastV R=0.5
+    (stage_schedule(2880, {2: 720}, 32), 5.80),                      # FastV R=0.75
+    (stage_schedule(2880, {8: 1440, 16: 720, 24: 360}, 32), 9.46),   # PDrop
+    (_transprune_high(2880), 8.33),                                  # TransPrune-High
+])
+def test_llava_next_7b_paper_numbers(schedule, expected):
+    assert tera("llava-next-7b", schedule=schedule) == expected
+
+
+def test_paper_preset_is_the_published_formula():
+    # TransPrune Eq. 7, first term: sum over layers of 4 n d^2 + 2 n^2 d + 3 n d m, visual tokens only
+    d, m = 4096, 11008
+    cost = flops.estimate("llava-1.5-7b")
+    assert cost.total == 32 * (4 * 576 * d * d + 2 * 576 * 576 * d + 3 * 576 * d * m)
+    assert cost.unit == "MACs" and cost.convention == "paper"
+    assert cost.by_site["llm"] == cost.total and cost.by_site["vision"] is None
+    assert cost.decode == 0 and cost.decode_per_token is None
+    assert [layer.tokens_in for layer in cost.layers] == [576] * 32
+    assert flops.estimate("llava-1.5-7b", schedule="576x2,288x30").total == flops.estimate(
+        "llava-1.5-7b", schedule=stage_schedule(576, {2: 288}, 32)).total
+    assert tera("llava-1.5-13b") == round(40 * (4 * 576 * 5120**2 + 2 * 576**2 * 5120 + 3 * 576 * 5120 * 13824) / T, 2)
+
+
+def test_vit_b16_tome_r16_from_the_policy_and_from_a_real_trace():
+    base = flops.estimate("vit-b-16")
+    from_policy = flops.estimate("vit-b-16", policy="tome:r=16")
+    assert round(base.total / G, 2) == 17.45
+    assert round(from_policy.total / G, 2) == 8.66
+    assert from_policy.schedule["vision"][0] == (197, 181) and from_policy.schedule["vision"][-1] == (21, 11)
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    with vtprune.applied(model, vtprune.ToMe(r=16)) as handle, torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    from_trace = flops.estimate("vit-b-16", schedule=handle.trace)
+    assert from_trace.schedule == from_policy.schedule
+    assert from_trace.total == from_policy.total
+    # the timm name reads the same architecture (meta device)
+    assert flops.estimate("vit_base_patch16_224", policy="tome:r=16").total == from_policy.total
+
+
+@pytest.mark.parametrize("config, policy, expected", [
+    # merging.md §2.8 (ToMe: attention at N_l, MLP at N_l - r_l, blocks only)
+    ("vit-b-16", "tome:r=8", 12.99), ("vit-b-16", "tome:r=13", 10.25), ("vit-b-16", "tome:r=(16,-1)", 5.75),
+    ("deit-tiny", None, 1.22), ("deit-tiny", "tome:r=13", 0.70),
+    ("vit-l-16", None, 61.4), ("vit-l-16", "tome:r=7", 34.6),
+])
+def test_tome_table(config, policy, expected):
+    digits = 1 if expected > 30 else 2
+    assert round(flops.estimate(config, policy=policy).total / G, digits) == expected
+
+
+@pytest.mark.parametrize("ratio, expected, final", [
+    (1.0, 1.2246, 197), (0.975, 1.0715, 151), (0.95, 0.9264, 111), (0.925, 0.8125, 82), (0.9, 0.7116, 60),
+    (0.8, 0.4559, 17),
+])
+def test_pitome_own_counter_for_deit_tiny(ratio, expected, final):
+    # PiToMe's counter: 4NC^2 + 2N^2C + 8NC^2 with N the tokens *entering* the block -> mlp_tokens="in"
+    cost = flops.estimate("deit-tiny", policy=vtprune.PiToMe(ratio=ratio), mlp_tokens="in")
+    assert round(cost.total / G, 4) == expected
+    assert cost.schedule["vision"][-1][1] == final
+    assert cost.convention == "paper+mlp_tokens=in"
+    if ratio < 1:  # counting the MLP where it really runs is cheaper
+        assert flops.estimate("deit-tiny", policy=vtprune.PiToMe(ratio=ratio)).total < cost.total
+
+
+def test_pitome_deit_tiny_from_a_real_trace():
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    with vtprune.applied(model, "pitome:ratio=0.9") as handle, torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    cost = flops.estimate("deit-tiny", schedule=handle.trace, mlp_tokens="in")
+    assert round(cost.total / G, 4) == 0.7116
+
+
+# --- schedules ------------------------------------------------------------------------------------------
+
+def test_token_schedules():
+    assert tome_token_schedule(17, [4, 4, 4, 4], 1) == [(17, 13), (13, 9), (9, 5), (5, 3)]
+    assert vtprune.ToMe(r=16).token_schedule(197, 12, 1) == tome_token_schedule(197, [16] * 12, 1)
+    assert pitome_token_schedule(197, 12, 0.9, 1)[0] == (197, 178)  # floor(196 - 176.4) = 19
+    assert vtprune.PiToMe(ratio=0.4).token_schedule(17, 1, 1) == [(17, 9)]  # clamped to T // 2
+    assert stage_schedule(4, {1: 2, 3: 1}, 4) == [4, 2, 2, 1]
+    assert parse_schedule("576x2, 288x2") == [576, 576, 288, 288]
+    assert parse_schedule("197:181,181:165x2") == [(197, 181), (181, 165), (181, 165)]
+    with pytest.raises(ValueError, match="bad schedule entry"):
+        parse_schedule("576y2")
+    with pytest.raises(ValueError, match="32 layers"):
+        flops.estimate("llava-1.5-7b", schedule=[576] * 10)
+    with pytest.raises(ValueError, match="cut layers"):
+        stage_schedule(576, {32: 1}, 32)
+
+
+def test_policy_without_analytic_schedule_says_how_to_cost_it():
+    class Opaque(vtprune.Policy):
+        name = "opaque"
+
+    with pytest.raises(NotImplementedError, match="trace of a real forward"):
+        flops.estimate("vit-b-16", policy=Opaque())
+
+
+# --- conventions, configs, output ----------------------------------------------------------------------
+
+def test_conventions_and_switches():
+    paper = flops.estimate("llava-1.5-7b")
+    as_flops = flops.estimate("llava-1.5-7b", unit="FLOPs")
+    assert as_flops.total == 2 * paper.total and as_flops.convention == "paper+unit=FLOPs"
+    full = flops.estimate("llava-1.5-7b", convention="full")
+    assert full.unit == "FLOPs" and full.convention == "full"
+    assert set(full.by_site) == {"vision", "projector", "llm", "lm_head", "overhead"}
+    assert full.prefill == sum(full.by_site.values())
+    assert full.total == full.prefill  # decode_steps defaults to 0; the per-token cost is reported
+    d, m, vocab = 4096, 11008, 32000
+    context = 576 + 64 + 1
+    assert full.decode_per_token == 2 * (32 * (4 * d * d + 3 * d * m + 2 * context * d) + d * vocab)
+    with_decode = flops.estimate("llava-1.5-7b", convention="full", decode_steps=3)
+    step = 2 * 32 * 2 * d
+    assert with_decode.decode == 3 * full.decode_per_token + 3 * step  # contexts grow by one per step
+    assert full.by_site["projector"] == 2 * 576 * (1024 * 4096 + 4096 * 4096)
+    assert full.by_site["lm_head"] == 2 * d * vocab
+    assert full.by_site["vision"] == 2 * (576 * 3 * 14 * 14 * 1024 + 24 * (4 * 577 * 1024**2 + 2 * 577**2 * 1024
+                                                                          + 2 * 577 * 1024 * 4096))
+    halved = flops.estimate("llava-1.5-7b", causal_halving=True)
+    assert halved.total == paper.total - 32 * 2 * (576 * 576 - 576 * 577 // 2) * d
+    with pytest.raises(ValueError, match="unknown switch"):
+        flops.estimate("llava-1.5-7b", units="MACs")
+    with pytest.raises(ValueError, match="presets: paper, full"):
+        flops.estimate("llava-1.5-7b", convention="honest")
+    with pytest.raises(flops.UnknownConfigError, match="llava-1.5-7b"):
+        flops.estimate("llava-9b")
+
+
+def test_vision_policy_on_a_vlm_shrinks_the_visual_tokens():
+    cost = flops.estimate("llava-1.5-7b", policy="tome:r=16", convention="full")
+    # the projector takes the output of vision layer 22 (feature layer -2) without CLS
+    assert cost.schedule["vision"][22][1] == 577 - 23 * 16
+    assert cost.visual_tokens == 577 - 23 * 16 - 1
+    assert cost.by_site["overhead"] > 0
+    assert flops.estimate("llava-next-7b", policy="tome:r=16").visual_tokens == 5 * (577 - 23 * 16 - 1)
+
+
+def test_str_and_to_dict_carry_unit_and_convention():
+    cost = flops.estimate("vit-b-16", policy="tome:r=16")
+    text = str(cost)
+    assert "8.655 GMACs" in text and "[paper" in text and "MACs (multiply-accumulates)" in text
+    data = json.loads(json.dumps(cost.to_dict()))
+    assert data["total"] == cost.total and data["unit"] == "MACs" and data["convention"] == "paper"
+    assert data["schedule"]["vision"][0] == [197, 181]
+    both = flops.table(cost, flops.estimate("vit-b-16", policy="tome:r=16", convention="full"), per_layer=True)
+    assert "[full]" in both and "GFLOPs" in both and "vision layer 11" in both
+
+
+def test_shipped_configs_match_the_hf_and_timm_readers():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+
+    assert {"llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "vit-b-16", "vit-l-14", "deit-tiny",
+            "deit-small", "deit-base"} <= set(flops.configs())
+    clip = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=336, patch_size=14)
+    vicuna = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    llava = LlavaConfig(vision_config=clip, text_config=vicuna, vision_feature_layer=-2)
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    next_config = LlavaNextConfig(vision_config=clip, text_config=vicuna, image_grid_pinpoints=pinpoints,
+                                  vision_feature_layer=-2)
+    for hf, name in ((llava, "llava-1.5-7b"), (next_config, "llava-next-7b")):
+        for preset in ("paper", "full"):
+            assert flops.estimate(hf, convention=preset).total == flops.estimate(name, convention=preset).total
+    for timm_name, name in (("deit_tiny_patch16_224", "deit-tiny"), ("vit_large_patch16_224", "vit-l-16")):
+        assert flops.estimate(timm_name, convention="full").total == flops.estimate(name, convention="full").total
+    assert flops.estimate("ViT-B/16").total == flops.estimate("vit-b-16").total
+
+
+# --- measured vs analytic -----------------------------------------------------------------------------------
+
+def _agree(analytic: int, measured: float, tolerance: float = 0.03) -> float:
+    ratio = measured / analytic
+    print(f"measured / analytic = {ratio:.6f}")
+    assert abs(ratio - 1) < tolerance, (analytic, measured)
+    return ratio
+
+
+@pytest.mark.parametrize("name, policy, extra", [
+    ("vit_tiny_patch16_224", None, {}), ("vit_tiny_patch16_224", "tome:r=4", {}),
+    ("vit_tiny_patch16_224", "pitome:ratio=0.75", {}),
+    ("deit_tiny_distilled_patch16_224", "tome:r=4", {}),                # two heads, two protected tokens
+    ("vit_small_patch16_224", "pitome:ratio=0.9,metric=hidden", {}),
+    ("vit_base_patch16_reg4_gap_256", "tome:r=2", {}),                  # registers, average pooling
+    ("vit_base_patch16_siglip_224", "tome:r=2", {}),                    # attention-pool head
+    ("vit_small_patch16_224", None, {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU}),
+])
+def test_measured_agrees_with_full_on_tiny_timm_vits(name, policy, extra):
+    model = timm.create_model(name, pretrained=False, img_size=64, depth=4, embed_dim=64, num_heads=2,
+                              num_classes=10, **extra).eval()
+    images = torch.randn(2, 3, 64, 64)
+    if policy is None:
+        measured = flops.measure(model, images)
+        schedule = None
+    else:
+        with vtprune.applied(model, policy) as handle:
+            measured = flops.measure(model, images)
+            schedule = handle.trace
+    analytic = flops.estimate(model, schedule=schedule, policy=policy, convention="full")
+    assert measured.batch_size == 2
+    _agree(analytic.total, measured.per_sample)
+    assert set(measured.by_module) >= {"patch_embed", "blocks", "head"} and set(measured.by_site) == {"vision"}
+    assert all(parameter.requires_grad for parameter in model.parameters())  # restored after the count
+    assert measured.by_module["patch_embed"] / 2 == analytic.parts["vision.patch_embed"]
+    if policy is not None:
+        assert analytic.by_site["overhead"] > 0
+
+
+def test_measured_agrees_with_full_on_tiny_hf_clip_and_siglip():
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                patch_size=8)
+    for config, cls in ((CLIPVisionConfig(**dims), CLIPVisionModel), (SiglipVisionConfig(**dims), SiglipVisionModel)):
+        model = cls(config).eval()
+        measured = flops.measure(model, {"pixel_values": torch.randn(1, 3, 32, 32)})
+        analytic = flops.estimate(config, convention="full")
+        _agree(analytic.total, measured.per_sample)
+        assert set(measured.by_site) == {"vision"}
+
+
+@pytest.fixture(scope="module")
+def tiny_llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=127, image_seq_length=16)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def test_measured_agrees_with_full_on_a_tiny_llava(tiny_llava):
+    image_tokens = tiny_llava.config.image_seq_length  # 16 patches of 8 px, CLS dropped
+    text = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    input_ids = torch.cat([text[:, :3], torch.full((1, image_tokens), 127), text[:, 3:]], dim=1)
+    inputs = {"input_ids": input_ids, "pixel_values": torch.randn(1, 3, 32, 32)}
+    measured = flops.measure(tiny_llava, inputs, logits_to_keep=1)
+    analytic = flops.estimate(tiny_llava.config, convention="full", prompt_tokens=text.shape[1])
+    assert analytic.visual_tokens == image_tokens
+    _agree(analytic.prefill, measured.total)
+    assert set(measured.by_site) == {"vision", "projector", "llm", "lm_head"}
+    for site in ("vision", "projector", "lm_head"):
+        assert measured.by_site[site] == analytic.by_site[site]
+    _agree(analytic.by_site["llm"], measured.by_site["llm"])  # older transformers: + RoPE's tiny matmul
+
+    # one decode step with the KV cache: language model and LM head only
+    with torch.no_grad():
+        cache = tiny_llava(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+    step = flops.measure(tiny_llava, {"input_ids": torch.tensor([[14]]), "past_key_values": cache},
+                         logits_to_keep=1)
+    _agree(analytic.decode_per_token, step.total)
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+def test_cli_prints_schedule_and_both_conventions(capsys, tmp_path):
+    out = tmp_path / "flops.json"
+    assert cli.main(["flops", "--config", "llava-1.5-7b", "--schedule", "576x2,288x30", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "576 576 288" in printed and "as --schedule: 576x2,288x30" in printed
+    assert "2.007 TMACs" in printed and "[paper]" in printed and "[full]" in printed and "TFLOPs" in printed
+    data = json.loads(out.read_text())
+    assert [item["convention"] for item in data] == ["paper", "full"]
+
+    assert cli.main(["flops", "--config", "vit-b-16", "--policy", "tome:r=16", "--per-layer"]) == 0
+    printed = capsys.readouterr().out
+    assert "197->181" in printed and "8.655 GMACs" in printed and "vision layer 11" in printed
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--config", "llava-9b"], "llava-1.5-7b"),
+    (["--config", "vit-b-16", "--policy", "nope:r=1"], "registered policies: pitome, tome"),
+    (["--config", "llava-1.5-7b", "--schedule", "576x3"], "32 layers"),
+    (["--config", "vit-b-16", "--set", "units=MACs"], "accepted:"),
+])
+def test_cli_errors_are_one_line_with_status_2(capsys, argv, expected):
+    assert cli.main(["flops", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and expected in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_cli_lists_configs_and_policies(capsys):
+    assert cli.main(["flops", "--list"]) == 0
+    printed = capsys.readouterr().out
+    assert "llava-next-7b" in printed and "tome" in printed
+
+
+def test_flops_imports_no_host_library():
+    import subprocess
+    import sys
+
+    probe = ("import sys, vtprune.flops as f; f.estimate('llava-1.5-7b', policy='tome:r=16', convention='full'); "
+             "print(sorted(m for m in ('timm', 'transformers', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_feature_layer_indexes_hidden_states():
+    pairs = [(10, 8), (8, 6), (6, 4)]
+    arch = dataclasses.replace(flops.load_config("clip-vit-l-14-336"), drop_prefix=False)
+    for feature_layer, expected in ((0, 577), (1, 8), (3, 4), (-1, 4), (-2, 6), (-4, 577)):
+        assert dataclasses.replace(arch, feature_layer=feature_layer).visual_tokens_per_view(pairs) == expected
+    with pytest.raises(ValueError, match="outside"):
+        dataclasses.replace(arch, feature_layer=-5).visual_tokens_per_view(pairs)
+
+
+def test_visual_tokens_overrides_the_nominal_count():
+    real = flops.estimate("llava-next-7b", visual_tokens=2144, convention="full")
+    nominal = flops.estimate("llava-next-7b", convention="full")
+    assert real.visual_tokens == 2144 and real.schedule["llm"][0] == (2144, 2144)
+    assert real.by_site["vision"] == nominal.by_site["vision"]        # still 5 views through the tower
+    assert real.by_site["projector"] == nominal.by_site["projector"]  # projected before unpadding
+    assert real.by_site["llm"] < nominal.by_site["llm"]
+    with pytest.raises(ValueError, match="contradicts"):
+        flops.estimate("llava-1.5-7b", visual_tokens=100, schedule="576x32")
