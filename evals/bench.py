@@ -23,6 +23,10 @@ kept, and ``TokenState.apply`` (the size-weighted merge and the source-map updat
 exactly those inputs and timed. Overhead = matching + merge; it is reported as a share of the blocks'
 time (sum over blocks, and the worst block).
 
+``--report cost`` prints the cost report of :mod:`vtprune.evals.cost` instead: tokens, FLOPs in the
+``paper`` and ``full`` conventions, latency per phase, peak memory and KV-cache bytes of every
+configuration, each with its ratio to the unpruned run (``--device cuda`` times it on a GPU).
+
 ``--official-tome PATH`` also times facebookresearch/ToMe (imported from that local checkout at run
 time; its code is CC BY-NC and is never copied here) with ``tome.patch.timm(copy); copy.r = R``. That
 patch replaces timm's fused SDPA attention by explicit ``softmax(q kᵀ) v``, so the unpatched model with
@@ -51,7 +55,8 @@ from vtprune.flops import vit_macs  # the analytic count (re-exported here: vtpr
 from vtprune.policy import Policy
 from vtprune.state import TokenState
 
-HELP = "time policies on a timm ViT: images/s, measured vs FLOPs-predicted speed-up, pruning overhead"
+HELP = ("time policies on a timm ViT: images/s, measured vs FLOPs-predicted speed-up, pruning overhead; "
+        "--report cost: tokens, FLOPs, latency and memory vs unpruned")
 DEFAULT_POLICIES = ("none", "tome:r=16", "pitome:ratio=0.9")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -495,6 +500,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    parser.add_argument("--report", choices=("speed", "cost"), default="speed",
+                        help="speed (default): images/s, predicted vs measured speed-up, overhead; cost: tokens, "
+                             "FLOPs (paper and full), latency, peak memory, KV cache, each vs unpruned "
+                             "(vtprune.evals.cost)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="device of --report cost (the speed report is CPU only)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -504,6 +515,20 @@ def run_from_args(args: argparse.Namespace) -> int:
                 vtprune.make_policy(spec)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"vtprune bench: {error}") from None
+    if getattr(args, "report", "speed") == "cost":
+        from . import cost
+
+        if args.official_tome:
+            raise SystemExit("vtprune bench: --official-tome applies to --report speed only")
+        results = cost.run(model_name=args.model, batch_size=args.batch_size, runs=args.runs, warmup=args.warmup,
+                           threads=args.threads, dtype=args.dtype, policies=args.policies, img_size=args.img_size,
+                           device=args.device, seed=args.seed, verbose=not args.quiet)
+        print(cost.format_report(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return 0
+    if getattr(args, "device", "cpu") != "cpu":
+        raise SystemExit("vtprune bench: --device cuda applies to --report cost only")
     results = run(model_name=args.model, batch_size=args.batch_size, runs=args.runs, warmup=args.warmup,
                   threads=args.threads, dtype=args.dtype, policies=args.policies, img_size=args.img_size,
                   overhead_runs=args.overhead_runs, official_tome=args.official_tome,

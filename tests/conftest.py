@@ -29,6 +29,20 @@ def small_vit(name: str = "vit_tiny_patch16_224", dtype=torch.float32, **kwargs)
     return tiny_vit(name, dtype=dtype, **config)
 
 
+def build_tiny_llava(seed: int = 0):
+    """A tiny HF LlavaForConditionalGeneration from configs (CLIP 2 layers, Llama 2 layers with GQA):
+    32 px images in 8 px patches give 16 image tokens (id 127)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=127, image_seq_length=16)
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
 @pytest.fixture
 def images224():
     return seeded_images(4, 224)

@@ -76,3 +76,85 @@ def test_bench_rejects_a_bad_policy_spec_and_a_missing_official_checkout(tmp_pat
     with pytest.raises(SystemExit, match="tome/patch/timm.py"):
         bench.run(model_name="vit_tiny_patch16_224", img_size=32, batch_size=1, runs=1,
                   official_tome=str(tmp_path), verbose=False)
+
+
+def test_cost_report_on_a_tiny_vit(tmp_path):
+    from vtprune import flops
+    from vtprune.evals import cost
+
+    results = cost.run(model_name="vit_tiny_patch16_224", img_size=64, batch_size=2, runs=1, warmup=0,
+                       policies=["none", "tome:r=16"], verbose=False, depth=2)
+    base, tome = results["rows"]
+    assert [base["label"], tome["label"]] == ["none (unpruned)", "tome:r=16"]
+    assert set(base["ratios"]) == {"final_tokens", "mean_tokens", "flops_paper", "flops_full",
+                                   "latency_vision encoding", "peak_memory", "kv_cache"}
+    assert all(value == 1 for key, value in base["ratios"].items() if key != "kv_cache")
+    assert base["ratios"]["kv_cache"] is None and base["kv_cache_bytes"] is None and tome["kv_cache_bytes"] is None
+    assert base["tokens_per_layer"] == [[17, 17]] * 2 and base["final_tokens"] == 17 and base["mean_tokens"] == 17
+    assert tome["tokens_per_layer"] == [[17, 9], [9, 5]] and tome["final_tokens"] == 5 and tome["mean_tokens"] == 13
+    assert tome["flops"]["paper"]["unit"] == "MACs" and tome["flops"]["full"]["unit"] == "FLOPs"
+    for name in ("paper", "full"):
+        assert tome["flops"][name]["total"] < base["flops"][name]["total"]
+        assert tome["ratios"][f"flops_{name}"] < 1
+    for row in results["rows"]:
+        assert row["attention_backend"] == "sdpa" and row["attention_backend_per_layer"] == ["sdpa"] * 2
+        assert row["peak_memory_bytes"] > 0 and row["ratios"]["peak_memory"] > 0
+        latency = row["latency"]["vision encoding"]
+        assert latency["median_s"] > 0 and latency["min_s"] <= latency["median_s"] <= latency["max_s"]
+        assert len(latency["times_s"]) == 1
+
+    # The FLOPs are vtprune.flops.estimate on the trace of the same patched model.
+    import timm
+    import torch
+    import vtprune
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, pretrained=False).eval()
+    with vtprune.applied(model, "tome:r=16") as handle, torch.inference_mode():
+        model(torch.randn(2, 3, 64, 64))
+        for name in ("paper", "full"):
+            expected = flops.estimate(model, schedule=handle.trace, policy=handle.policies[0],
+                                      convention=name)
+            assert tome["flops"][name]["total"] == expected.total
+
+    out = tmp_path / "cost.json"
+    out.write_text(json.dumps(results))
+    assert json.loads(out.read_text())["rows"][1]["flops"]["full"]["total"] == tome["flops"]["full"]["total"]
+    table = cost.format_report(results)
+    assert "| configuration | attention | final tokens |" in table and "| - |" in table
+
+
+def test_cost_report_cli(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    status = cli.main(["bench", "--report", "cost", "--model", "vit_tiny_patch16_224", "--img-size", "32",
+                       "--batch-size", "1", "--runs", "1", "--warmup", "0", "--policies", "none", "pitome:ratio=0.9",
+                       "--json", str(out), "--quiet"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Machine:") and "vision encoding s/batch" in printed and "pitome:ratio=0.9" in printed
+    results = json.loads(out.read_text())
+    assert [row["label"] for row in results["rows"]] == ["none (unpruned)", "pitome:ratio=0.9"]
+    assert results["rows"][0]["kv_cache_bytes"] is None and results["config"]["device"] == "cpu"
+    with pytest.raises(SystemExit, match="--report cost only"):
+        cli.main(["bench", "--device", "cuda", "--policies", "none"])
+
+
+def test_cost_harness_times_prefill_and_decode_of_an_unpruned_tiny_llava():
+    import torch
+
+    from conftest import build_tiny_llava
+    from vtprune import flops
+    from vtprune.evals import cost
+
+    model = build_tiny_llava()
+    input_ids = torch.cat([torch.tensor([[1, 5, 6]]), torch.full((1, 16), 127), torch.tensor([[7, 8, 9, 10]])], 1)
+    inputs = {"input_ids": input_ids, "pixel_values": torch.randn(1, 3, 32, 32)}
+
+    (row,) = cost.measure(model, inputs, ["none"], family=cost.hf_llava(decode_steps=3), warmup=0, runs=1)
+    assert list(row["latency"]) == ["prefill", "decode per token"]
+    assert all(value["median_s"] > 0 for value in row["latency"].values())
+    assert row["tokens_per_layer"] == [[16, 16]] * 2 and row["final_tokens"] == 16
+    # 2 layers x (keys + values) x [1 batch, 2 kv heads, 23 positions, 16 head dim] x 4 bytes
+    assert row["kv_cache_bytes"] == 2 * 2 * 2 * 23 * 16 * 4 and row["ratios"]["kv_cache"] == 1
+    assert row["peak_memory_bytes"] > 0 and row["attention_backend_per_layer"] == [row["attention_backend"]] * 2
+    expected = flops.estimate(model, schedule=[16, 16], convention="full", prompt_tokens=7)
+    assert row["flops"]["full"]["total"] == expected.total

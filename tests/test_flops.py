@@ -266,15 +266,9 @@ def test_measured_agrees_with_full_on_tiny_hf_clip_and_siglip():
 
 @pytest.fixture(scope="module")
 def tiny_llava():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from conftest import build_tiny_llava
 
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
-    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=127, image_seq_length=16)
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).eval()
+    return build_tiny_llava()
 
 
 def test_measured_agrees_with_full_on_a_tiny_llava(tiny_llava):
