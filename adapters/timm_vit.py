@@ -22,10 +22,10 @@ from torch import nn
 
 from vtprune.reduction import unmerge
 from vtprune.state import Runtime
-from vtprune.view import LayerView
 
 from .base import Inspection
 from .patching import Patch
+from .reduction_point import log_size_bias, reduce_at
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "k_norm", "num_heads")
@@ -152,7 +152,6 @@ def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[s
     original = block.forward
     policy = runtime.policies["vision"]
     proportional = policy.proportional_attention()
-    num_protected = len(roles)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         state = runtime.active()
@@ -165,9 +164,7 @@ def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[s
                              "is_causal=True in timm blocks (the mask would not follow the merged tokens); "
                              "remove the policy for masked inputs")
         state.start(x)
-        mask = None
-        if proportional and state.size is not None:
-            mask = state.size.log().to(x.dtype).transpose(1, 2).unsqueeze(1)  # [B, 1, 1, N]
+        mask = log_size_bias(state, x.dtype) if proportional else None
         x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=mask)))
 
         def provide(name: str) -> torch.Tensor:
@@ -175,13 +172,11 @@ def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[s
                 return keys_slot.take().mean(1)
             raise ValueError(f"timm-vit offers the signals 'keys' and 'hidden', not {name!r}")
 
-        view = LayerView(site="vision", layer=index, num_layers=num_layers, hidden=x,
-                         num_protected=num_protected, prefix_roles=roles, size=state.size, _provider=provide)
         tokens_in = x.shape[1]
-        plan = policy.reduce(view)
-        x = state.apply(x, plan)
+        x, reduced = reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
+                               provide=provide)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        state.record("vision", index, tokens_in, x.shape[1], "mid" if plan is not None else "none")
+        state.record("vision", index, tokens_in, x.shape[1], "mid" if reduced else "none")
         return x
 
     return forward

@@ -1,0 +1,34 @@
+"""What every adapter does at a reduction point, whatever the host family.
+
+An adapter runs its layer's own sub-modules and calls :func:`reduce_at` where the policy may shorten the
+sequence; :func:`log_size_bias` gives proportional attention's additive mask.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from vtprune.policy import Policy
+from vtprune.state import TokenState
+from vtprune.view import LayerView
+
+
+def log_size_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
+    """``log(size)`` over the keys as an additive attention mask ``[B, 1, 1, N]`` (ToMe's proportional
+    attention, Bolya et al. 2023, Eq. 1), or ``None`` before the first merge."""
+    if state.size is None:
+        return None
+    return state.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+
+
+def reduce_at(policy: Policy, state: TokenState, hidden: torch.Tensor, *, site: str, layer: int, num_layers: int,
+              roles: tuple[str, ...], provide: Callable[[str], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """Ask ``policy`` for a plan at this point and apply it to ``hidden`` and the state.
+
+    Returns ``(hidden, reduced)``. The first ``len(roles)`` tokens are the protected prefix.
+    """
+    view = LayerView(site=site, layer=layer, num_layers=num_layers, hidden=hidden, num_protected=len(roles),
+                     prefix_roles=roles, size=state.size, _provider=provide)
+    plan = policy.reduce(view)
+    return state.apply(hidden, plan), plan is not None
