@@ -29,3 +29,7 @@ def find_adapter(model: nn.Module) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "Inspection", "Patch", "TimmViTAdapter", "UnsupportedModelError", "find_adapter"]
+from .hf_clip import HFVisionAdapter  # noqa: E402
+ADAPTERS.append(HFVisionAdapter())
+from .open_clip_vit import OpenClipViTAdapter  # noqa: E402
+ADAPTERS.append(OpenClipViTAdapter())

@@ -5,12 +5,14 @@ sequence; :func:`log_size_bias` gives proportional attention's additive mask.
 """
 from __future__ import annotations
 
-from typing import Callable
+import threading
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from vtprune.policy import Policy
-from vtprune.state import TokenState
+from vtprune.state import Runtime, TokenState
 from vtprune.view import LayerView
 
 
@@ -32,3 +34,34 @@ def reduce_at(policy: Policy, state: TokenState, hidden: torch.Tensor, *, site: 
                      prefix_roles=roles, size=state.size, _provider=provide)
     plan = policy.reduce(view)
     return state.apply(hidden, plan), plan is not None
+
+
+class CapturedOutput:
+    """A per-thread slot for a sub-module's output during the active call (e.g. the keys at ``k_proj``).
+
+    :meth:`wrap` returns a replacement ``forward`` for the sub-module (install it with
+    ``Patch.override``) that stores the output while a vtprune call is active; :meth:`take` returns it
+    once and clears the slot.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._local = threading.local()
+
+    def wrap(self, module: nn.Module, runtime: Runtime) -> Callable[..., Any]:
+        original = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            output = original(*args, **kwargs)
+            if runtime.active() is not None:
+                self._local.value = output
+            return output
+
+        return forward
+
+    def take(self) -> torch.Tensor:
+        value = getattr(self._local, "value", None)
+        self._local.value = None
+        if value is None:
+            raise RuntimeError(f"{self.what} was not captured for this layer")
+        return value

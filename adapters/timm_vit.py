@@ -25,7 +25,7 @@ from vtprune.state import Runtime
 
 from .base import Inspection
 from .patching import Patch
-from .reduction_point import log_size_bias, reduce_at
+from .reduction_point import CapturedOutput, log_size_bias, reduce_at
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "k_norm", "num_heads")
@@ -102,10 +102,10 @@ class TimmViTAdapter:
         roles = prefix_roles(model)
         patch = Patch()
         try:
-            keys_slot = _KeysSlot()
+            keys_slot = CapturedOutput("the keys (attn.k_norm output)")
             if "keys" in policy.signals:
                 for block in model.blocks:
-                    patch.override(block.attn.k_norm, "forward", keys_slot.capture(block.attn.k_norm, runtime))
+                    patch.override(block.attn.k_norm, "forward", keys_slot.wrap(block.attn.k_norm, runtime))
             for index, block in enumerate(model.blocks):
                 patch.override(block, "forward",
                                _block_forward(block, index, len(model.blocks), roles, runtime, keys_slot))
@@ -120,35 +120,8 @@ class TimmViTAdapter:
         return patch
 
 
-class _KeysSlot:
-    """Holds the last keys the active call's attention computed (per thread, via the runtime)."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self._local = threading.local()
-
-    def capture(self, k_norm: nn.Module, runtime: Runtime):
-        original = k_norm.forward
-
-        def forward(keys: torch.Tensor) -> torch.Tensor:
-            output = original(keys)
-            if runtime.active() is not None:
-                self._local.keys = output
-            return output
-
-        return forward
-
-    def take(self) -> torch.Tensor:
-        keys = getattr(self._local, "keys", None)
-        self._local.keys = None
-        if keys is None:
-            raise RuntimeError("attention keys were not captured for this layer (attn.k_norm was not called)")
-        return keys
-
-
 def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[str, ...],
-                   runtime: Runtime, keys_slot: _KeysSlot):
+                   runtime: Runtime, keys_slot: CapturedOutput):
     original = block.forward
     policy = runtime.policies["vision"]
     proportional = policy.proportional_attention()

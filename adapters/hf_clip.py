@@ -1,0 +1,196 @@
+"""Adapter for Hugging Face ``transformers`` CLIP and SigLIP vision towers.
+
+Matches, structurally per instance, a ``CLIPVisionModel`` / ``SiglipVisionModel`` (in transformers 5.x
+``CLIPModel.vision_model`` *is* a ``CLIPVisionModel``; older releases' ``CLIPVisionTransformer`` /
+``SiglipVisionTransformer`` match too): a module with ``embeddings``, ``post_layernorm`` and
+``encoder.layers``, a ``ModuleList`` of ``CLIPEncoderLayer`` / ``SiglipEncoderLayer``. A ``CLIPModel`` /
+``SiglipModel`` (any module whose ``vision_model`` is such a tower) is matched only to raise a clear
+``TypeError`` from :func:`vtprune.apply` / :func:`vtprune.inspect` telling the user to pass
+``model.vision_model`` (patching the tower patches every caller, ``get_image_features`` included).
+
+Reduction point: inside every encoder layer, between the attention residual and the MLP (ToMe's
+placement). The layer's own ``layer_norm1``, ``self_attn`` (with the model's attention implementation,
+sdpa or eager), ``layer_norm2`` and ``mlp`` run unchanged. Keys averaged over heads are read at
+``self_attn.k_proj`` (its forward is wrapped per instance: no extra compute). Proportional attention
+enters as the additive float ``attention_mask`` ``log(size)`` of shape ``[B, 1, 1, N]``.
+
+Outputs: ``last_hidden_state`` is the merged sequence (CLS first for CLIP). CLIP's ``pooler_output``
+(``post_layernorm`` of CLS) is unaffected in kind since CLS is protected. SigLIP's attention-pool
+``head`` sees the merged tokens unweighted by size. With ``output_hidden_states=True`` every hidden state
+is unmerged back to the full ``N0`` tokens through the per-layer source map (each original token gets
+the value of the token containing it), so consumers that index hidden states (LLaVA's ``[-2]``) keep
+their token count; attentions (``output_attentions``, eager) stay merged-size.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtprune.reduction import unmerge
+from vtprune.state import Runtime
+
+from .base import Inspection
+from .patching import Patch
+from .reduction_point import CapturedOutput, log_size_bias, reduce_at
+
+_LAYER_CLASSES = ("CLIPEncoderLayer", "SiglipEncoderLayer")
+_LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+_WRAPPER_CLASSES = ("CLIPModel", "SiglipModel", "Siglip2Model", "CLIPVisionModelWithProjection",
+                    "CLIPForImageClassification", "SiglipForImageClassification")
+
+
+def _layers(model: nn.Module) -> nn.ModuleList | None:
+    encoder = getattr(model, "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        return None
+    if not all(type(layer).__name__ in _LAYER_CLASSES for layer in layers):
+        return None
+    return layers
+
+
+def _is_vision_tower(model: nn.Module) -> bool:
+    return (_layers(model) is not None and hasattr(model, "embeddings") and hasattr(model, "post_layernorm")
+            and hasattr(getattr(model, "embeddings"), "patch_embedding"))
+
+
+def _has_cls(model: nn.Module) -> bool:
+    return getattr(model.embeddings, "class_embedding", None) is not None
+
+
+class HFVisionAdapter:
+    name = "hf-clip-vision"
+    family = "transformers CLIPVisionModel / SiglipVisionModel (pass CLIPModel.vision_model)"
+    sites = ("vision",)
+    signals = ("keys", "hidden")
+
+    def matches(self, model: nn.Module) -> bool:
+        return _is_vision_tower(model) or self.wrapper_hint(model) is not None
+
+    def wrapper_hint(self, model: nn.Module) -> str | None:
+        """For a CLIPModel-like wrapper, the message telling the user which sub-module to pass."""
+        tower = getattr(model, "vision_model", None)
+        if isinstance(tower, nn.Module) and _is_vision_tower(tower):
+            return (f"{type(model).__name__} holds both towers; vtprune patches the vision tower only: pass "
+                    f"model.vision_model (a {type(tower).__name__}), e.g. vtprune.apply(model.vision_model, ...); "
+                    "get_image_features and forward then use the patched tower")
+        return None
+
+    def _check(self, model: nn.Module) -> nn.ModuleList:
+        hint = None if _is_vision_tower(model) else self.wrapper_hint(model)
+        if hint is not None:
+            raise TypeError(f"vtprune: {hint}")
+        layers = _layers(model)
+        if layers is None:
+            raise ValueError(f"{type(model).__name__} has no encoder.layers of CLIPEncoderLayer/SiglipEncoderLayer")
+        for index, layer in enumerate(layers):
+            missing = [part for part in _LAYER_PARTS if not hasattr(layer, part)]
+            if not missing and not hasattr(layer.self_attn, "k_proj"):
+                missing.append("self_attn.k_proj")
+            if missing:
+                raise ValueError(f"encoder layer {index} ({type(layer).__name__}) lacks {', '.join(missing)}; "
+                                 "the hf-clip-vision adapter supports pre-norm CLIP/SigLIP encoder layers")
+        return layers
+
+    def inspect(self, model: nn.Module) -> Inspection:
+        layers = self._check(model)
+        notes = ["last_hidden_state is the merged sequence; output_hidden_states are unmerged to all tokens"]
+        if getattr(model, "head", None) is not None and getattr(model, "use_head", True):
+            notes.append("the attention-pooling head sees merged tokens unweighted by size")
+        if not _has_cls(model):
+            notes.append("no CLS token: every token may be merged")
+        return Inspection(
+            adapter=self.name, family=self.family, model_class=type(model).__name__,
+            sites={"vision": tuple(f"encoder.layers.{i}" for i in range(len(layers)))},
+            signals=self.signals, protected=("cls",) if _has_cls(model) else (), notes=tuple(notes),
+        )
+
+    def patch(self, model: nn.Module, runtime: Runtime) -> Patch:
+        layers = self._check(model)
+        policy = runtime.policies["vision"]
+        roles = ("cls",) if _has_cls(model) else ()
+        patch = Patch()
+        try:
+            keys_slot = CapturedOutput("the keys (self_attn.k_proj output)")
+            if "keys" in policy.signals:
+                for layer in layers:
+                    attn = layer.self_attn
+                    patch.override(attn.k_proj, "forward", keys_slot.wrap(attn.k_proj, runtime))
+            for index, layer in enumerate(layers):
+                patch.override(layer, "forward", _layer_forward(layer, index, len(layers), roles, runtime, keys_slot))
+            patch.override(model, "forward", runtime.entry(model.forward, record_layers=True,
+                                                           post=_unmerge_hidden_states(len(layers))))
+        except BaseException:
+            patch.undo()
+            raise
+        return patch
+
+
+def _layer_forward(layer: nn.Module, index: int, num_layers: int, roles: tuple[str, ...], runtime: Runtime,
+                   keys_slot: CapturedOutput):
+    original = layer.forward
+    policy = runtime.policies["vision"]
+    proportional = policy.proportional_attention()
+
+    def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
+        state = runtime.active()
+        if state is None:
+            return original(hidden_states, attention_mask, *args, **kwargs)
+        if attention_mask is not None or args:
+            raise ValueError("vtprune: token merging cannot be combined with an attention_mask in CLIP/SigLIP "
+                             "encoder layers (the mask would not follow the merged tokens)")
+        x = hidden_states
+        state.start(x)
+        mask = log_size_bias(state, x.dtype) if proportional else None
+        attended, _ = layer.self_attn(hidden_states=layer.layer_norm1(x), attention_mask=mask, **kwargs)
+        x = x + attended
+
+        def provide(name: str) -> torch.Tensor:
+            if name == "keys":
+                return keys_slot.take().unflatten(-1, (-1, layer.self_attn.head_dim)).mean(-2)
+            raise ValueError(f"hf-clip-vision offers the signals 'keys' and 'hidden', not {name!r}")
+
+        tokens_in = x.shape[1]
+        x, reduced = reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
+                               provide=provide)
+        x = x + layer.mlp(layer.layer_norm2(x))
+        state.record("vision", index, tokens_in, x.shape[1], "mid" if reduced else "none")
+        return x
+
+    return forward
+
+
+def _unmerge_hidden_states(num_layers: int):
+    """``post`` for the entry point: every per-layer hidden state back to all ``N0`` tokens.
+
+    HF records the embeddings (index 0) and each layer's output (index ``i + 1``), so hidden state
+    ``i + 1`` is unmerged with the source map recorded after layer ``i``.
+    """
+
+    def unmerge_all(states: Any, state) -> Any:
+        if not isinstance(states, tuple) or len(states) != num_layers + 1:
+            return states  # a selection of indices, or not hidden states at all: left as recorded
+        if not all(isinstance(item, torch.Tensor) and item.dim() == 3 for item in states):
+            return states
+        out = [states[0]]
+        for layer, tokens in enumerate(states[1:]):
+            assignment = state.layer_assignments.get(layer)
+            if assignment is not None and tokens.shape[1] != assignment.shape[1]:
+                tokens = unmerge(tokens, assignment)
+            out.append(tokens)
+        return tuple(out)
+
+    def post(output: Any, state) -> Any:
+        if state.assignment is None or not state.layer_assignments:
+            return output
+        if isinstance(output, tuple) and not hasattr(output, "keys"):  # return_dict=False
+            return tuple(unmerge_all(item, state) for item in output)
+        hidden = getattr(output, "hidden_states", None)
+        if hidden is not None:
+            output["hidden_states"] = unmerge_all(hidden, state)
+        return output
+
+    return post

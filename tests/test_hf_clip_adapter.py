@@ -1,0 +1,183 @@
+"""The transformers CLIP / SigLIP vision adapter (tiny configs, seeded float64 weights, sdpa and eager)."""
+import copy
+
+import pytest
+import torch
+
+import vtprune
+from vtprune import PiToMe, ToMe
+from vtprune.reduction import unmerge
+
+from oracles import _combine, _tome_destinations
+from seeded import seeded_images, seeded_init_
+
+IMPLS = ["sdpa", "eager"]
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+            patch_size=8)
+
+
+def tiny_tower(kind: str = "clip", impl: str = "sdpa", seed: int = 0):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    cls, config = ((CLIPVisionModel, CLIPVisionConfig) if kind == "clip" else (SiglipVisionModel, SiglipVisionConfig))
+    model = cls._from_config(config(**TINY), attn_implementation=impl)
+    seeded_init_(model, seed)
+    return model.double().eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return seeded_images(3, 32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("policy", [ToMe(r=0), PiToMe(ratio=1.0)], ids=str)
+def test_identity_policies_are_bitwise_identical(kind, impl, policy, images):
+    model = tiny_tower(kind, impl)
+    pristine = copy.deepcopy(model)
+    with vtprune.applied(model, policy) as handle, torch.no_grad():
+        out, ref = model(images), pristine(images)
+        assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
+        if ref.pooler_output is not None:
+            assert torch.equal(out.pooler_output, ref.pooler_output)
+        assert handle.trace.tokens() == [17 if kind == "clip" else 16] * 3
+    assert model.config._attn_implementation == impl
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind, counts", [("clip", [15, 13, 11]), ("siglip", [14, 12, 10])])
+def test_tome_token_counts_and_remove(kind, counts, impl, images):
+    model = tiny_tower(kind, impl)
+    pristine = copy.deepcopy(model)
+    with torch.no_grad():
+        reference = pristine(images).last_hidden_state
+        handle = vtprune.apply(model, ToMe(r=2))
+        out = model(images)
+        assert handle.trace.tokens() == counts
+        assert out.last_hidden_state.shape[1] == counts[-1]
+        assert handle.size.sum(1).flatten().tolist() == [counts[0] + 2] * 3
+        handle.remove()
+        assert not any(name == "forward" for m in model.modules() for name in vars(m))
+        assert torch.equal(model(images).last_hidden_state, reference)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_batch_invariance(kind, impl, images):
+    model = tiny_tower(kind, impl)
+    with vtprune.applied(model, ToMe(r=3)) as handle, torch.no_grad():
+        batched = model(images)
+        assignment = handle.assignment.clone()
+        for i in range(images.shape[0]):
+            single = model(images[i:i + 1])
+            torch.testing.assert_close(single.last_hidden_state[0], batched.last_hidden_state[i], atol=1e-12, rtol=0)
+            if batched.pooler_output is not None:
+                torch.testing.assert_close(single.pooler_output[0], batched.pooler_output[i], atol=1e-12, rtol=0)
+            assert torch.equal(handle.assignment[0], assignment[i])
+
+
+def test_clip_cls_is_protected_and_pooler_is_post_layernorm_of_cls(images):
+    model = tiny_tower("clip")
+    with vtprune.applied(model, ToMe(r=4)) as handle, torch.no_grad():
+        out = model(images)
+        assert torch.all(handle.assignment[:, 0] == 0)
+        assert torch.all(handle.size[:, 0, 0] == 1)
+        assert torch.equal(out.pooler_output, model.post_layernorm(out.last_hidden_state[:, 0]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("policy", [PiToMe(ratio=0.8), PiToMe(ratio=0.8, metric="hidden")], ids=str)
+def test_pitome_runs(kind, impl, policy, images):
+    model = tiny_tower(kind, impl)
+    with vtprune.applied(model, policy) as handle, torch.no_grad():
+        out = model(images)
+    tokens = handle.trace.tokens()
+    assert tokens[-1] < tokens[0] and out.last_hidden_state.shape[1] == tokens[-1]
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+def _functional_tome(model, images, r, has_cls):
+    """ToMe on a CLIP/SigLIP tower written from its weights: explicit softmax attention, log-size bias."""
+    x = model.embeddings(images)
+    if hasattr(model, "pre_layrnorm"):
+        x = model.pre_layrnorm(x)
+    batch, n0, _ = x.shape
+    size = torch.ones(batch, n0, dtype=x.dtype)
+    for layer in model.encoder.layers:
+        attn = layer.self_attn
+        h = layer.layer_norm1(x)
+        q, k, v = (proj(h).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        logits = q @ k.transpose(-1, -2) * attn.scale + size.log()[:, None, None, :]
+        out = (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
+        x = x + attn.out_proj(out)
+        plan = _tome_destinations(k.mean(1), r, has_cls, False)
+        if plan is not None:
+            x, size = _combine(x, size, *plan)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return x if hasattr(model, "pre_layrnorm") else model.post_layernorm(x)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_tome_matches_functional_computation(kind, impl, images):
+    model = tiny_tower(kind, impl)
+    with torch.no_grad():
+        expected = _functional_tome(model, images, 2, kind == "clip")
+        with vtprune.applied(model, ToMe(r=2)):
+            out = model(images).last_hidden_state
+    # HF's eager attention takes its softmax in float32 even for float64 models
+    torch.testing.assert_close(out, expected, atol=1e-10 if impl == "sdpa" else 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_output_hidden_states_are_unmerged(kind, images):
+    model = tiny_tower(kind)
+    pristine = copy.deepcopy(model)
+    with vtprune.applied(model, ToMe(r=2)) as handle, torch.no_grad():
+        out = model(images, output_hidden_states=True)
+        ref = pristine(images, output_hidden_states=True)
+        n0 = 17 if kind == "clip" else 16
+        assert [h.shape[1] for h in out.hidden_states] == [n0] * 4
+        assert torch.equal(out.hidden_states[0], ref.hidden_states[0])
+        if kind == "clip":  # CLIP's last hidden state is the encoder output itself
+            assert torch.equal(out.hidden_states[-1], unmerge(out.last_hidden_state, handle.assignment))
+        as_tuple = model(images, output_hidden_states=True, return_dict=False)
+        hidden = [item for item in as_tuple if isinstance(item, tuple)][0]
+        assert [h.shape[1] for h in hidden] == [n0] * 4
+        assert torch.equal(hidden[-1], out.hidden_states[-1])
+
+
+def test_inspect_and_clip_model_wrapper():
+    from transformers import CLIPConfig, CLIPModel
+
+    report = vtprune.inspect(tiny_tower("clip"))
+    assert report.adapter == "hf-clip-vision" and report.protected == ("cls",)
+    assert report.sites["vision"] == ("encoder.layers.0", "encoder.layers.1", "encoder.layers.2")
+    assert set(report.signals) == {"keys", "hidden"}
+    siglip = vtprune.inspect(tiny_tower("siglip"))
+    assert siglip.protected == () and any("unweighted" in note for note in siglip.notes)
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(vision_config=TINY, text_config=text)).eval()
+    with pytest.raises(TypeError, match="model.vision_model"):
+        vtprune.apply(clip, ToMe(r=2))
+    with pytest.raises(TypeError, match="model.vision_model"):
+        vtprune.inspect(clip)
+    images = seeded_images(2, 32, dtype=torch.float32)
+    with vtprune.applied(clip.vision_model, ToMe(r=2)) as handle, torch.no_grad():
+        features = clip.get_image_features(pixel_values=images)
+        assert handle.trace.tokens() == [15, 13, 11]
+    embeds = features if isinstance(features, torch.Tensor) else features.pooler_output
+    assert embeds.shape == (2, clip.projection_dim)
+
+
+def test_caller_attention_mask_is_rejected(images):
+    model = tiny_tower("clip")
+    with vtprune.applied(model, ToMe(r=2)), pytest.raises(ValueError, match="attention_mask"):
+        x = model.embeddings(images)
+        vtprune.handle_of(model)._runtime.entry(model.encoder.layers[0])(x, torch.zeros(3, 1, 17, 17,
+                                                                                         dtype=x.dtype))
