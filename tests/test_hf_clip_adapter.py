@@ -88,7 +88,8 @@ def test_clip_cls_is_protected_and_pooler_is_post_layernorm_of_cls(images):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-@pytest.mark.parametrize("policy", [PiToMe(ratio=0.8), PiToMe(ratio=0.8, metric="hidden")], ids=str)
+@pytest.mark.parametrize("policy", [PiToMe(ratio=0.8), PiToMe(ratio=0.8, metric="hidden"),
+                                    PiToMe.preset("clip", ratio=0.8)], ids=str)
 def test_pitome_runs(kind, impl, policy, images):
     model = tiny_tower(kind, impl)
     with vtprune.applied(model, policy) as handle, torch.no_grad():

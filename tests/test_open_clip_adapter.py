@@ -80,7 +80,8 @@ def test_remove_restores_exactly(policy, images):
         assert not torch.equal(merged, pristine(images))
 
 
-@pytest.mark.parametrize("policy", [ToMe(r=2), ToMe(r=2, prop_attn=False), PiToMe(ratio=0.8)], ids=str)
+@pytest.mark.parametrize("policy", [ToMe(r=2), ToMe(r=2, prop_attn=False), PiToMe(ratio=0.8),
+                                    PiToMe.preset("clip", ratio=0.8)], ids=str)
 def test_batch_invariance(policy, images):
     model = tower()
     with vtprune.applied(model, policy) as handle, torch.no_grad():

@@ -103,3 +103,15 @@ def test_non_policy_type_raises_type_error():
 def test_policies_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         ToMe().r = 3
+
+
+def test_pitome_presets_follow_the_official_patches():
+    assert PiToMe.preset("deit") == PiToMe()
+    assert PiToMe.preset("mae", ratio=0.95) == PiToMe(ratio=0.95, bsm_layers="second_half")
+    clip = PiToMe.preset("clip", ratio=0.9)
+    assert (clip.metric, clip.margin(0, 24), clip.bsm_layers, clip.prop_attn) == ("hidden", 0.95, "none", False)
+    assert PiToMe.preset("blip").margin(6, 12) == 0.9 - 0.9 * 0.5
+    blip2 = PiToMe.preset("blip2")
+    assert (blip2.margin(39, 40), blip2.prop_attn) == (0.75 - 0.4 * 39 / 40, True)
+    with pytest.raises(ValueError, match="unknown preset 'clip_hf'.*deit, mae, clip, blip, blip2"):
+        PiToMe.preset("clip_hf")

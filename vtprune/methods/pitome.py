@@ -80,6 +80,16 @@ class PiToMe(Policy):
         unprotected = num_tokens - num_protected
         return unprotected * unprotected * dims[self.metric]
 
+    @classmethod
+    def preset(cls, family: str, **overrides: object) -> "PiToMe":
+        """The official code's configuration for a model family (merging.md §3.3), e.g.
+        ``PiToMe.preset("clip", ratio=0.9)``. Families: ``deit`` (the defaults), ``mae``, ``clip`` (LAVIS
+        CLIP, open_clip-style towers), ``blip``, ``blip2``. Keyword arguments override preset fields."""
+        if family not in PRESETS:
+            raise ValueError(f"pitome: unknown preset {family!r}; presets: {', '.join(PRESETS)} (the official "
+                             "'clip_hf' LLaVA preset merges after the MLP, which arrives with the LLaVA adapter)")
+        return cls(**{**PRESETS[family], **overrides})
+
     def margin(self, layer: int, num_layers: int) -> float:
         return pitome_margin(layer, num_layers, self.margin_start, self.margin_slope)
 
@@ -94,3 +104,13 @@ class PiToMe(Policy):
             bsm=pitome_uses_bsm(view.layer, view.num_layers, self.bsm_layers),
             alpha=self.alpha,
         )
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    "deit": {},
+    "mae": {"bsm_layers": "second_half"},
+    "clip": {"metric": "hidden", "margin_start": 0.95, "margin_slope": 0.95, "bsm_layers": "none"},
+    "blip": {"metric": "hidden", "margin_start": 0.9, "margin_slope": 0.9, "bsm_layers": "none"},
+    "blip2": {"margin_start": 0.75, "margin_slope": 0.4, "bsm_layers": "none", "prop_attn": True},
+}
+"""Official per-family settings at hchautran/PiToMe@550b5de (patch/{deit,mae,clip,blip,blip2}.py)."""
