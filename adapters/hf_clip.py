@@ -33,7 +33,7 @@ from vtprune.state import Runtime
 
 from .base import Inspection
 from .patching import Patch
-from .reduction_point import CapturedOutput, log_size_bias, reduce_at
+from .reduction_point import CapturedOutput, log_size_bias, reduce_at, refuse_gradient_checkpointing
 
 _LAYER_CLASSES = ("CLIPEncoderLayer", "SiglipEncoderLayer")
 _LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
@@ -121,6 +121,7 @@ class HFVisionAdapter:
             for index, layer in enumerate(layers):
                 patch.override(layer, "forward", _layer_forward(layer, index, len(layers), roles, runtime, keys_slot))
             patch.override(model, "forward", runtime.entry(model.forward, record_layers=True,
+                                                           before=refuse_gradient_checkpointing(model),
                                                            post=_unmerge_hidden_states(len(layers))))
         except BaseException:
             patch.undo()

@@ -31,7 +31,7 @@ from vtprune.state import Runtime
 
 from .base import Inspection
 from .patching import Patch
-from .reduction_point import log_size_bias, reduce_at
+from .reduction_point import log_size_bias, reduce_at, refuse_gradient_checkpointing
 
 _BLOCK_PARTS = ("ln_1", "attn", "attention", "ls_1", "ln_2", "mlp", "ls_2")
 
@@ -104,9 +104,10 @@ class OpenClipViTAdapter:
         try:
             for index, block in enumerate(blocks):
                 patch.override(block, "forward", _block_forward(block, index, len(blocks), roles, runtime))
-            patch.override(model, "forward", runtime.entry(model.forward))
+            guard = refuse_gradient_checkpointing(model)
+            patch.override(model, "forward", runtime.entry(model.forward, before=guard))
             patch.override(model, "forward_intermediates", runtime.entry(model.forward_intermediates,
-                                                                        record_layers=True))
+                                                                        record_layers=True, before=guard))
             patch.override(model.transformer, "forward_intermediates",
                            _transformer_intermediates(model, runtime, len(roles)))
             patch.override(model, "_global_pool", _global_pool(model, runtime, len(roles)))

@@ -65,3 +65,23 @@ class CapturedOutput:
         if value is None:
             raise RuntimeError(f"{self.what} was not captured for this layer")
         return value
+
+
+def refuse_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
+    """A ``Runtime.entry(before=...)`` check: gradient checkpointing re-runs layers during backward,
+    after the call's token state is gone, so the recomputed layers would not merge like the forward did.
+    Raises a clear error instead of torch's ``CheckpointError``."""
+
+    def check() -> None:
+        if not (model.training and torch.is_grad_enabled()):
+            return
+        for module in model.modules():
+            if getattr(module, "grad_checkpointing", False) is True or \
+                    getattr(module, "gradient_checkpointing", False) is True:
+                raise ValueError(
+                    "vtprune: gradient checkpointing is on in training mode; recomputed layers would not merge "
+                    "like the forward did. Turn it off (timm/open_clip: model.set_grad_checkpointing(False); "
+                    "transformers: model.activation_checkpointing_disable() or gradient_checkpointing_disable()) "
+                    "or run in eval mode / no_grad")
+
+    return check

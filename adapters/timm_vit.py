@@ -25,7 +25,7 @@ from vtprune.state import Runtime
 
 from .base import Inspection
 from .patching import Patch
-from .reduction_point import CapturedOutput, log_size_bias, reduce_at
+from .reduction_point import CapturedOutput, log_size_bias, reduce_at, refuse_gradient_checkpointing
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "k_norm", "num_heads")
@@ -109,10 +109,11 @@ class TimmViTAdapter:
             for index, block in enumerate(model.blocks):
                 patch.override(block, "forward",
                                _block_forward(block, index, len(model.blocks), roles, runtime, keys_slot))
-            patch.override(model, "forward", runtime.entry(model.forward))
-            patch.override(model, "forward_features", runtime.entry(model.forward_features))
+            guard = refuse_gradient_checkpointing(model)
+            patch.override(model, "forward", runtime.entry(model.forward, before=guard))
+            patch.override(model, "forward_features", runtime.entry(model.forward_features, before=guard))
             patch.override(model, "forward_intermediates", runtime.entry(
-                _intermediates_forward(model, runtime), record_layers=True))
+                _intermediates_forward(model, runtime), record_layers=True, before=guard))
             patch.override(model, "pool", _pool(model, runtime))
         except BaseException:
             patch.undo()

@@ -185,3 +185,111 @@ def test_gradients_flow_in_training_mode(images):
         assert handle.trace.final_tokens() == 11
     grad = model.transformer.resblocks[0].attn.in_proj_weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["batch_first", "sequence_first"])
+def test_caller_attn_mask_is_rejected(layout, images):
+    model = tower() if layout == "batch_first" else sequence_first(tower())
+
+    def inject(module, args, kwargs):
+        return args, {**kwargs, "attn_mask": torch.zeros(17, 17, dtype=images.dtype)}
+
+    hook = model.transformer.register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            assert model(images).shape == (4, 32)  # unpatched: the mask is accepted
+            with vtprune.applied(model, ToMe(r=2)), pytest.raises(ValueError, match="attn_mask"):
+                model(images)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("policy", [ToMe(r=2), PiToMe(ratio=0.8)], ids=str)
+def test_training_mode_gradients_reach_the_input_and_every_parameter(policy):
+    model = tower().train()
+    x = seeded_images(2, 32).requires_grad_(True)
+    with vtprune.applied(model, policy) as handle:
+        out = model(x)
+        assert out.requires_grad
+        out.square().sum().backward()
+        assert handle.trace.final_tokens() < 17
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.transformer.resblocks[-1].mlp.c_fc.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_precision_dtypes(dtype, images):
+    reference_model = tower()
+    model = copy.deepcopy(reference_model).to(dtype)
+    with vtprune.applied(reference_model, ToMe(r=2)), torch.no_grad():
+        reference = reference_model(images)
+    with vtprune.applied(model, ToMe(r=2)) as handle, torch.no_grad():
+        out = model(images.to(dtype))
+        assert out.dtype == dtype
+        assert handle.size.dtype == torch.float32
+        assert handle.trace.tokens() == [15, 13, 11]
+        assert handle.size.sum(1).flatten().tolist() == [17.0] * 4
+    assert torch.isfinite(out).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), reference, atol=1e-4, rtol=0)
+    else:  # low precision may flip near-tie matches; most values must still agree closely
+        assert ((out.double() - reference).abs() < 1e-1).float().mean() > 0.9
+
+
+def test_no_grad_and_inference_mode(images):
+    model = tower()
+    with vtprune.applied(model, ToMe(r=2)) as handle:
+        with torch.no_grad():
+            a = model(images)
+        with torch.inference_mode():
+            b = model(images)
+            assert handle.trace.tokens() == [15, 13, 11]
+        assert b.is_inference() and torch.equal(a, b)
+
+
+def test_deepcopy_of_a_patched_model_is_unpatched_and_pickle_is_refused(images):
+    import pickle
+
+    model = tower()
+    pristine = copy.deepcopy(model)
+    handle = vtprune.apply(model, ToMe(r=2))
+    clone = copy.deepcopy(model)
+    assert vtprune.handle_of(clone) is None
+    with torch.no_grad():
+        assert torch.equal(clone(images), pristine(images))
+        clone_handle = vtprune.apply(clone, ToMe(r=2))  # the copy can be patched again
+        merged = clone(images)
+        assert clone_handle.trace.tokens() == [15, 13, 11]
+        assert handle.trace is None  # the original's trace is its own
+        assert torch.equal(model(images), merged) and not torch.equal(merged, pristine(images))
+    with pytest.raises(TypeError, match="cannot be pickled; call handle.remove"):
+        pickle.dumps(model)
+    handle.remove()
+    clone_handle.remove()
+    restored = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(restored(images), pristine(images))
+
+
+def test_already_patched_raises_or_replaces(images):
+    model = tower()
+    first = vtprune.apply(model, ToMe(r=1))
+    with pytest.raises(vtprune.AlreadyPatchedError, match="vtprune.remove\\(model\\).*replace=True"):
+        vtprune.apply(model, ToMe(r=2))
+    assert vtprune.handle_of(model) is first and not first.removed
+    second = vtprune.apply(model, ToMe(r=2), replace=True)
+    assert first.removed and not second.removed
+    with torch.no_grad():
+        model(images)
+    assert second.trace.tokens() == [15, 13, 11]
+    second.remove()
+
+
+def test_gradient_checkpointing_in_training_is_refused_clearly():
+    model = tower().train()
+    model.set_grad_checkpointing(True)
+    with vtprune.applied(model, ToMe(r=2)):
+        with pytest.raises(ValueError, match="gradient checkpointing is on"):
+            model(seeded_images(2, 32))

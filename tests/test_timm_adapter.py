@@ -310,3 +310,16 @@ def test_forward_intermediates_rejects_unknown_output_format(images64):
     with vtprune.applied(model, ToMe(r=2)), torch.no_grad():
         with pytest.raises(ValueError, match="output_fmt must be 'NCHW' or 'NLC', got 'NHWC'"):
             model.forward_intermediates(images64, output_fmt="NHWC")
+
+
+def test_gradient_checkpointing_in_training_is_refused_clearly():
+    model = small_vit().train()
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64)
+    with vtprune.applied(model, ToMe(r=2)):
+        with pytest.raises(ValueError, match="gradient checkpointing is on.*set_grad_checkpointing\\(False\\)"):
+            model(x)
+        with torch.no_grad():
+            assert model(x).shape == (2, 10)  # no backward, no recomputation: allowed
+        model.set_grad_checkpointing(False)
+        model(x).square().sum().backward()

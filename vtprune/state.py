@@ -92,12 +92,17 @@ class Runtime:
         return getattr(self._local, "state", None)
 
     def entry(self, function: Callable[..., Any], *, record_layers: bool = False,
-              post: Callable[[Any, TokenState], Any] | None = None) -> Callable[..., Any]:
-        """Wrap an entry point so that each outermost call gets a fresh :class:`TokenState`."""
+              post: Callable[[Any, TokenState], Any] | None = None,
+              before: Callable[[], None] | None = None) -> Callable[..., Any]:
+        """Wrap an entry point so that each outermost call gets a fresh :class:`TokenState`.
+
+        ``before`` runs first on every outermost call (an adapter's check that may raise)."""
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             if self.active() is not None:
                 return function(*args, **kwargs)
+            if before is not None:
+                before()
             state = TokenState(record_layers=record_layers)
             self._local.state = state
             try:
