@@ -43,6 +43,22 @@ def build_tiny_llava(seed: int = 0):
     return LlavaForConditionalGeneration(config).eval()
 
 
+def check_already_patched_rules(model: torch.nn.Module, run, expected_tokens: list[int]) -> None:
+    """Applying twice raises AlreadyPatchedError naming the fixes; replace=True swaps the policy."""
+    import vtprune
+
+    first = vtprune.apply(model, vtprune.ToMe(r=1))
+    with pytest.raises(vtprune.AlreadyPatchedError, match="vtprune.remove\\(model\\).*replace=True"):
+        vtprune.apply(model, vtprune.ToMe(r=2))
+    assert vtprune.handle_of(model) is first and not first.removed
+    second = vtprune.apply(model, vtprune.ToMe(r=2), replace=True)
+    assert first.removed and not second.removed
+    with torch.no_grad():
+        run(model)
+    assert second.trace.tokens() == expected_tokens
+    second.remove()
+
+
 @pytest.fixture
 def images224():
     return seeded_images(4, 224)

@@ -9,6 +9,7 @@ from vtprune import PiToMe, ToMe
 from vtprune.reduction import unmerge
 
 from oracles import _combine, _tome_destinations
+from conftest import check_already_patched_rules
 from seeded import seeded_images, seeded_init_
 
 IMPLS = ["sdpa", "eager"]
@@ -291,17 +292,8 @@ def test_deepcopy_of_a_patched_model_is_unpatched_and_pickle_is_refused(kind, im
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_already_patched_raises_or_replaces(kind, images):
-    model = tiny_tower(kind)
-    first = vtprune.apply(model, ToMe(r=1))
-    with pytest.raises(vtprune.AlreadyPatchedError, match="vtprune.remove\\(model\\).*replace=True"):
-        vtprune.apply(model, ToMe(r=2))
-    assert vtprune.handle_of(model) is first and not first.removed
-    second = vtprune.apply(model, ToMe(r=2), replace=True)
-    assert first.removed and not second.removed
-    with torch.no_grad():
-        model(images)
-    assert second.trace.tokens() == ([15, 13, 11] if kind == "clip" else [14, 12, 10])
-    second.remove()
+    check_already_patched_rules(tiny_tower(kind), lambda model: model(images),
+                                [15, 13, 11] if kind == "clip" else [14, 12, 10])
 
 
 def test_gradient_checkpointing_in_training_is_refused_clearly():

@@ -11,6 +11,7 @@ from torch import nn
 import vtprune
 from vtprune import PiToMe, ToMe
 
+from conftest import check_already_patched_rules
 from seeded import seeded_images, seeded_init_
 
 CONFIG = dict(image_size=32, patch_size=8, width=64, layers=3, heads=2, mlp_ratio=2.0, output_dim=32)
@@ -274,17 +275,7 @@ def test_deepcopy_of_a_patched_model_is_unpatched_and_pickle_is_refused(images):
 
 
 def test_already_patched_raises_or_replaces(images):
-    model = tower()
-    first = vtprune.apply(model, ToMe(r=1))
-    with pytest.raises(vtprune.AlreadyPatchedError, match="vtprune.remove\\(model\\).*replace=True"):
-        vtprune.apply(model, ToMe(r=2))
-    assert vtprune.handle_of(model) is first and not first.removed
-    second = vtprune.apply(model, ToMe(r=2), replace=True)
-    assert first.removed and not second.removed
-    with torch.no_grad():
-        model(images)
-    assert second.trace.tokens() == [15, 13, 11]
-    second.remove()
+    check_already_patched_rules(tower(), lambda model: model(images), [15, 13, 11])
 
 
 def test_gradient_checkpointing_in_training_is_refused_clearly():
