@@ -2,7 +2,8 @@
 
 Every function takes a metric ``[B, N, d]`` (one row per token of the current sequence, protected
 prefix tokens first) and returns a :class:`~vtprune.reduction.MergePlan` or ``None`` (no change).
-Matching decisions are made under ``torch.no_grad()``; applying the plan stays differentiable.
+Matching decisions are made under ``torch.no_grad()``, in at least float32 (the official code uses the
+metric's dtype; in bfloat16 that flips many near-ties); applying the plan stays differentiable.
 
 Token order after a merge follows the official implementations exactly, because the next layer's
 alternating split depends on it:
@@ -31,6 +32,12 @@ def cosine_normalize(metric: torch.Tensor) -> torch.Tensor:
     return metric / metric.norm(dim=-1, keepdim=True)
 
 
+def matching_precision(metric: torch.Tensor) -> torch.Tensor:
+    """The metric in at least float32: scores of half-precision metrics (a cosine resolution of ~4e-3
+    in bfloat16) flip near-tie decisions far more often. float32/float64 metrics are unchanged."""
+    return metric.to(torch.promote_types(metric.dtype, torch.float32))
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0) -> MergePlan | None:
     """ToMe's bipartite soft matching (Bolya et al., ICLR 2023, Sec. 3.1, "Bipartite Soft Matching").
 
@@ -47,7 +54,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0
     protected_a = (num_protected + 1) // 2
     protected_b = num_protected // 2
     with torch.no_grad():
-        metric = cosine_normalize(metric)
+        metric = cosine_normalize(matching_precision(metric))
         scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
         if protected_a:
             scores[:, :protected_a, :] = -math.inf
@@ -108,7 +115,7 @@ def pitome_matching(metric: torch.Tensor, r: int, margin: float, num_protected: 
     if r <= 0:
         return None
     with torch.no_grad():
-        energy, similarity = pitome_energy(metric[:, num_protected:], margin, alpha)
+        energy, similarity = pitome_energy(matching_precision(metric[:, num_protected:]), margin, alpha)
         order = torch.argsort(energy, dim=-1, descending=True)
         prefix = _arange_like(num_protected, metric, batch)
         if bsm:
