@@ -154,12 +154,9 @@ def _layer_forward(layer: nn.Module, index: int, num_layers: int, roles: tuple[s
                 return keys_slot.take().unflatten(-1, (-1, layer.self_attn.head_dim)).mean(-2)
             raise ValueError(f"hf-clip-vision offers the signals 'keys' and 'hidden', not {name!r}")
 
-        tokens_in = x.shape[1]
-        x, reduced = reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
-                               provide=provide)
-        x = x + layer.mlp(layer.layer_norm2(x))
-        state.record("vision", index, tokens_in, x.shape[1], "mid" if reduced else "none")
-        return x
+        x = reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
+                      provide=provide)
+        return x + layer.mlp(layer.layer_norm2(x))
 
     return forward
 

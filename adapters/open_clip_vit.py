@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtprune.reduction import unmerge
+from vtprune.reduction import unmerge, unmerge_patches
 from vtprune.state import Runtime
 
 from .base import Inspection
@@ -109,7 +109,7 @@ class OpenClipViTAdapter:
             patch.override(model, "forward_intermediates", runtime.entry(model.forward_intermediates,
                                                                         record_layers=True, before=guard))
             patch.override(model.transformer, "forward_intermediates",
-                           _transformer_intermediates(model, runtime, len(roles)))
+                           _transformer_intermediates(model, runtime))
             patch.override(model, "_global_pool", _global_pool(model, runtime, len(roles)))
         except BaseException:
             patch.undo()
@@ -169,14 +169,9 @@ def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[s
                 return _head_mean_keys(block.attn, to_bnc(normed))
             raise ValueError(f"open_clip-vit offers the signals 'keys' and 'hidden', not {name!r}")
 
-        hidden = to_bnc(x)
-        tokens_in = hidden.shape[1]
-        hidden, reduced = reduce_at(policy, state, hidden, site="vision", layer=index, num_layers=num_layers,
-                                    roles=roles, provide=provide)
-        x = hidden if batch_first else hidden.transpose(0, 1)
-        x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        state.record("vision", index, tokens_in, hidden.shape[1], "mid" if reduced else "none")
-        return x
+        x = to_bnc(reduce_at(policy, state, to_bnc(x), site="vision", layer=index, num_layers=num_layers,
+                             roles=roles, provide=provide))  # to_bnc is its own inverse
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     return forward
 
@@ -197,12 +192,12 @@ def _global_pool(model: nn.Module, runtime: Runtime, num_prefix: int):
             pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
         else:  # 'tok'
             pooled = x[:, 0]
-        return pooled, unmerge(tokens, state.assignment[:, num_prefix:] - num_prefix)  # the full patch grid
+        return pooled, unmerge_patches(tokens, state.assignment, num_prefix)  # the full patch grid
 
     return global_pool
 
 
-def _transformer_intermediates(model: nn.Module, runtime: Runtime, num_prefix: int):
+def _transformer_intermediates(model: nn.Module, runtime: Runtime):
     """``transformer.forward_intermediates`` whose intermediates are unmerged to the full token sequence."""
     original = model.transformer.forward_intermediates
 
@@ -221,8 +216,7 @@ def _transformer_intermediates(model: nn.Module, runtime: Runtime, num_prefix: i
         for layer, item in zip(layers, raw):  # items are [B, N, C] whatever the block layout
             assignment = state.layer_assignments.get(layer)
             if assignment is not None and item.shape[1] < assignment.shape[1]:
-                patches = unmerge(item[:, num_prefix:], assignment[:, num_prefix:] - num_prefix)
-                item = torch.cat([item[:, :num_prefix], patches], dim=1)
+                item = unmerge(item, assignment)  # prefix tokens map to themselves
             full.append(item)
         return final, full
 

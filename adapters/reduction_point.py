@@ -25,15 +25,18 @@ def log_size_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def reduce_at(policy: Policy, state: TokenState, hidden: torch.Tensor, *, site: str, layer: int, num_layers: int,
-              roles: tuple[str, ...], provide: Callable[[str], torch.Tensor]) -> tuple[torch.Tensor, bool]:
-    """Ask ``policy`` for a plan at this point and apply it to ``hidden`` and the state.
+              roles: tuple[str, ...], provide: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """Ask ``policy`` for a plan at this mid-layer point, apply it to ``hidden`` and the state, and record
+    the layer in the trace (attention saw the tokens entering, the rest of the layer the tokens left).
 
-    Returns ``(hidden, reduced)``. The first ``len(roles)`` tokens are the protected prefix.
+    The first ``len(roles)`` tokens are the protected prefix. Returns the reduced ``hidden``.
     """
     view = LayerView(site=site, layer=layer, num_layers=num_layers, hidden=hidden, num_protected=len(roles),
                      prefix_roles=roles, size=state.size, _provider=provide)
     plan = policy.reduce(view)
-    return state.apply(hidden, plan), plan is not None
+    reduced = state.apply(hidden, plan)
+    state.record(site, layer, hidden.shape[1], reduced.shape[1], "mid" if plan is not None else "none")
+    return reduced
 
 
 class CapturedOutput:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtprune.reduction import unmerge
+from vtprune.reduction import unmerge_patches
 from vtprune.state import Runtime
 
 from .base import Inspection
@@ -146,12 +146,9 @@ def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[s
                 return keys_slot.take().mean(1)
             raise ValueError(f"timm-vit offers the signals 'keys' and 'hidden', not {name!r}")
 
-        tokens_in = x.shape[1]
-        x, reduced = reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
-                               provide=provide)
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-        state.record("vision", index, tokens_in, x.shape[1], "mid" if reduced else "none")
-        return x
+        x = reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
+                      provide=provide)
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
     return forward
 
@@ -215,8 +212,7 @@ def _intermediates_forward(model: nn.Module, runtime: Runtime):
             tokens, prefix = item if prefix_count else (item, None)
             full = tokens
             if state is not None and layer in state.layer_assignments:
-                assignment = state.layer_assignments[layer][:, prefix_count:] - prefix_count
-                full = unmerge(tokens, assignment)
+                full = unmerge_patches(tokens, state.layer_assignments[layer], prefix_count)
             spatial.append(full)
             prefixes.append(prefix)
         if output_fmt == "NCHW":

@@ -67,20 +67,6 @@ def _row_offsets(batch: int, length: int, like: torch.Tensor) -> torch.Tensor:
     return (torch.arange(batch, device=like.device) * length).unsqueeze(1)
 
 
-def merge_mean(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """Unweighted mean of each output slot and the tokens merged into it (no size tracking)."""
-    ones = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.promote_types(x.dtype, torch.float32),
-                      device=x.device)
-    merged, _ = merge_weighted(x, ones, plan)
-    return merged
-
-
-def gather_tokens(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    """Apply ``plan`` to a per-token tensor ``[B, N, ...]`` by selection only (the ``keep`` tokens)."""
-    index = plan.keep.reshape(*plan.keep.shape, *([1] * (x.dim() - 2))).expand(*plan.keep.shape, *x.shape[2:])
-    return x.gather(1, index)
-
-
 def output_slot_of_input(plan: MergePlan, num_in: int) -> torch.Tensor:
     """``[B, N_in]`` long: the output slot each input token ends up in, or ``-1`` if it was dropped."""
     batch = plan.keep.shape[0]
@@ -119,3 +105,9 @@ def unmerge(x: torch.Tensor, assignment: torch.Tensor, fill: float = 0.0) -> tor
     if (assignment < 0).any():
         out = out.masked_fill((assignment < 0).unsqueeze(-1), fill)
     return out
+
+
+def unmerge_patches(patch_tokens: torch.Tensor, assignment: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """:func:`unmerge` for a sequence whose ``num_prefix`` prefix tokens were split off: ``patch_tokens`` are
+    the merged tokens after the prefix, ``assignment`` the full ``[B, N0]`` map (prefix included)."""
+    return unmerge(patch_tokens, assignment[:, num_prefix:] - num_prefix)
