@@ -59,6 +59,36 @@ def check_already_patched_rules(model: torch.nn.Module, run, expected_tokens: li
     second.remove()
 
 
+def check_copy_and_pickle_rules(model: torch.nn.Module, run, expected_tokens: list[int]) -> torch.Tensor:
+    """deepcopy of a patched model is unpatched and re-patchable; pickling a patched model is refused;
+    after remove() it pickles and restores the original. ``run(model)`` returns the output to compare.
+    Returns the merged output of the re-patched copy."""
+    import copy
+    import pickle
+
+    import vtprune
+
+    pristine = copy.deepcopy(model)
+    handle = vtprune.apply(model, vtprune.ToMe(r=2))
+    clone = copy.deepcopy(model)
+    assert vtprune.handle_of(clone) is None
+    with torch.no_grad():
+        assert torch.equal(run(clone), run(pristine))
+        clone_handle = vtprune.apply(clone, vtprune.ToMe(r=2))  # the copy can be patched again
+        merged = run(clone)
+        assert clone_handle.trace.tokens() == expected_tokens
+        assert handle.trace is None  # the original's trace is its own
+        assert torch.equal(run(model), merged) and not torch.equal(merged, run(pristine))
+    with pytest.raises(TypeError, match="cannot be pickled; call handle.remove"):
+        pickle.dumps(model)
+    handle.remove()
+    clone_handle.remove()
+    restored = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(run(restored), run(pristine))
+    return merged
+
+
 @pytest.fixture
 def images224():
     return seeded_images(4, 224)

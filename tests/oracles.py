@@ -105,6 +105,20 @@ def _combine(x: torch.Tensor, size: torch.Tensor, dest: torch.Tensor, n_out: int
     return new_x, new_size[..., 0]
 
 
+def _merging_block(block: nn.Module, x: torch.Tensor, size: torch.Tensor, assignment: torch.Tensor,
+                   log_size: Optional[torch.Tensor], destinations):
+    """One block with a merge between attention and MLP; ``destinations(metric)`` gives (dest, n_out) or None."""
+    h, metric = _self_attention(block, block.norm1(x), log_size)
+    x = x + _maybe(block, "ls1", h)
+    plan = destinations(metric)
+    if plan is not None:
+        dest, n_out = plan
+        x, size = _combine(x, size, dest, n_out)
+        assignment = dest.gather(1, assignment)
+    x = x + _maybe(block, "ls2", block.mlp(block.norm2(x)))
+    return x, size, assignment
+
+
 def _finish(model, x, size, assignment, tokens):
     features = model.norm(x)
     return {
@@ -179,14 +193,9 @@ def tome_forward(model: nn.Module, images: torch.Tensor, r: RSpec, prop_attn: bo
     schedule = tome_schedule(len(model.blocks), r)
     tokens = []
     for block, r_layer in zip(model.blocks, schedule):
-        h, metric = _self_attention(block, block.norm1(x), size.log() if prop_attn else None)
-        x = x + _maybe(block, "ls1", h)
-        plan = _tome_destinations(metric, r_layer, has_cls, has_dist) if r_layer > 0 else None
-        if plan is not None:
-            dest, n_out = plan
-            x, size = _combine(x, size, dest, n_out)
-            assignment = dest.gather(1, assignment)
-        x = x + _maybe(block, "ls2", block.mlp(block.norm2(x)))
+        x, size, assignment = _merging_block(
+            block, x, size, assignment, size.log() if prop_attn else None,
+            lambda metric: _tome_destinations(metric, r_layer, has_cls, has_dist) if r_layer > 0 else None)
         tokens.append(x.shape[1])
     return _finish(model, x, size, assignment if trace_source else None, tokens)
 
@@ -267,14 +276,9 @@ def pitome_forward(model: nn.Module, images: torch.Tensor, ratio: float, *,
     for block, bsm, margin in zip(model.blocks, bsm_layers, margins):
         n = x.shape[1]
         flops += 4 * n * dim * dim + 2 * n * n * dim + 8 * n * dim * dim
-        h, metric = _self_attention(block, block.norm1(x), None)
-        x = x + _maybe(block, "ls1", h)
-        plan = _pitome_destinations(metric, ratio, margin, bsm) if ratio < 1.0 else None
-        if plan is not None:
-            dest, n_out = plan
-            x, size = _combine(x, size, dest, n_out)
-            assignment = dest.gather(1, assignment)
-        x = x + _maybe(block, "ls2", block.mlp(block.norm2(x)))
+        x, size, assignment = _merging_block(
+            block, x, size, assignment, None,
+            lambda metric: _pitome_destinations(metric, ratio, margin, bsm) if ratio < 1.0 else None)
         tokens.append(x.shape[1])
     out = _finish(model, x, size, assignment, tokens)
     out["flops"] = flops / 1e9

@@ -11,7 +11,7 @@ from torch import nn
 import vtprune
 from vtprune import PiToMe, ToMe
 
-from conftest import check_already_patched_rules
+from conftest import check_already_patched_rules, check_copy_and_pickle_rules
 from seeded import seeded_images, seeded_init_
 
 CONFIG = dict(image_size=32, patch_size=8, width=64, layers=3, heads=2, mlp_ratio=2.0, output_dim=32)
@@ -251,27 +251,7 @@ def test_no_grad_and_inference_mode(images):
 
 
 def test_deepcopy_of_a_patched_model_is_unpatched_and_pickle_is_refused(images):
-    import pickle
-
-    model = tower()
-    pristine = copy.deepcopy(model)
-    handle = vtprune.apply(model, ToMe(r=2))
-    clone = copy.deepcopy(model)
-    assert vtprune.handle_of(clone) is None
-    with torch.no_grad():
-        assert torch.equal(clone(images), pristine(images))
-        clone_handle = vtprune.apply(clone, ToMe(r=2))  # the copy can be patched again
-        merged = clone(images)
-        assert clone_handle.trace.tokens() == [15, 13, 11]
-        assert handle.trace is None  # the original's trace is its own
-        assert torch.equal(model(images), merged) and not torch.equal(merged, pristine(images))
-    with pytest.raises(TypeError, match="cannot be pickled; call handle.remove"):
-        pickle.dumps(model)
-    handle.remove()
-    clone_handle.remove()
-    restored = pickle.loads(pickle.dumps(model))
-    with torch.no_grad():
-        assert torch.equal(restored(images), pristine(images))
+    check_copy_and_pickle_rules(tower(), lambda model: model(images), [15, 13, 11])
 
 
 def test_already_patched_raises_or_replaces(images):
