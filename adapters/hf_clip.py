@@ -10,8 +10,9 @@ Matches, structurally per instance, a ``CLIPVisionModel`` / ``SiglipVisionModel`
 
 Reduction point: inside every encoder layer, between the attention residual and the MLP (ToMe's
 placement). The layer's own ``layer_norm1``, ``self_attn`` (with the model's attention implementation,
-sdpa or eager), ``layer_norm2`` and ``mlp`` run unchanged. Keys averaged over heads are read at
-``self_attn.k_proj`` (its forward is wrapped per instance: no extra compute). Proportional attention
+sdpa or eager), ``layer_norm2`` and ``mlp`` run unchanged. Keys (``"keys"``, averaged over heads) and
+per-head queries/keys/values (``"qkv"``) are read at ``self_attn.q_proj/k_proj/v_proj`` (their forwards are
+wrapped per instance: no extra compute; no attention weights are materialised). Proportional attention
 enters as the additive float ``attention_mask`` ``log(size)`` of shape ``[B, 1, 1, N]``.
 
 Outputs: ``last_hidden_state`` is the merged sequence (CLS first for CLIP). CLIP's ``pooler_output``
@@ -23,13 +24,15 @@ their token count; attentions (``output_attentions``, eager) stay merged-size.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from vtprune.policy import Policy
 from vtprune.reduction import unmerge
-from vtprune.state import Runtime
+from vtprune.state import Runtime, TokenState
+from vtprune.view import QKV
 
 from .base import Inspection
 from .patching import Patch
@@ -64,7 +67,7 @@ class HFVisionAdapter:
     name = "hf-clip-vision"
     family = "transformers CLIPVisionModel / SiglipVisionModel (pass CLIPModel.vision_model)"
     sites = ("vision",)
-    signals = ("keys", "hidden")
+    signals = ("keys", "qkv", "hidden")
 
     def matches(self, model: nn.Module) -> bool:
         return _is_vision_tower(model) or self.wrapper_hint(model) is not None
@@ -113,13 +116,13 @@ class HFVisionAdapter:
         roles = ("cls",) if _has_cls(model) else ()
         patch = Patch()
         try:
-            keys_slot = CapturedOutput("the keys (self_attn.k_proj output)")
-            if "keys" in policy.signals:
-                for layer in layers:
-                    attn = layer.self_attn
-                    patch.override(attn.k_proj, "forward", keys_slot.wrap(attn.k_proj, runtime))
+            needs = projections_for(policy.signals)
             for index, layer in enumerate(layers):
-                patch.override(layer, "forward", _layer_forward(layer, index, len(layers), roles, runtime, keys_slot))
+                taps = AttentionTaps(layer.self_attn, needs) if needs else None
+                if taps is not None:
+                    taps.install(patch, runtime)
+                patch.override(layer, "forward", encoder_layer_forward(
+                    layer, index, runtime, policy=policy, num_layers=len(layers), roles=roles, taps=taps))
             patch.override(model, "forward", runtime.entry(model.forward, record_layers=True,
                                                            before=refuse_gradient_checkpointing(model),
                                                            post=_unmerge_hidden_states(len(layers))))
@@ -129,11 +132,59 @@ class HFVisionAdapter:
         return patch
 
 
-def _layer_forward(layer: nn.Module, index: int, num_layers: int, roles: tuple[str, ...], runtime: Runtime,
-                   keys_slot: CapturedOutput):
+class AttentionTaps:
+    """Captures the outputs of an attention module's ``q_proj`` / ``k_proj`` / ``v_proj`` during the active call
+    (their forwards are wrapped per instance: the layer's own projections, no extra compute)."""
+
+    def __init__(self, attn: nn.Module, needs: frozenset[str]):
+        self.attn = attn
+        self.slots = {name: CapturedOutput(f"self_attn.{name}_proj output") for name in sorted(needs)}
+
+    def install(self, patch: Patch, runtime: Runtime) -> None:
+        for name, slot in self.slots.items():
+            projection = getattr(self.attn, f"{name}_proj")
+            patch.override(projection, "forward", slot.wrap(projection, runtime))
+
+    def take(self) -> dict[str, torch.Tensor]:
+        return {name: slot.take() for name, slot in self.slots.items()}
+
+
+def projections_for(signals: tuple[str, ...]) -> frozenset[str]:
+    """Which of q/k/v a set of signals needs."""
+    needs = set()
+    if "keys" in signals:
+        needs.add("k")
+    if "qkv" in signals:
+        needs.update("qkv")
+    return frozenset(needs)
+
+
+def attention_signal(name: str, taken: dict[str, torch.Tensor], attn: nn.Module) -> Any:
+    """``"keys"`` (mean over heads, ``[B, N, head_dim]``) or ``"qkv"`` (:class:`~vtprune.view.QKV`) from the
+    captured projections of one layer."""
+    head_dim = attn.head_dim
+
+    def heads(tensor: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, H, N, head_dim]
+        return tensor.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+    if name == "keys":
+        return taken["k"].unflatten(-1, (-1, head_dim)).mean(-2)
+    if name == "qkv":
+        return QKV(q=heads(taken["q"]), k=heads(taken["k"]), v=heads(taken["v"]), scale=float(attn.scale))
+    raise ValueError(f"CLIP/SigLIP encoder layers offer the signals 'keys', 'qkv' and 'hidden', not {name!r}")
+
+
+def encoder_layer_forward(layer: nn.Module, index: int, runtime: Runtime, *, policy: Policy | None, num_layers: int,
+                          roles: tuple[str, ...], taps: AttentionTaps | None,
+                          on_output: Callable[[TokenState, torch.Tensor, dict], None] | None = None):
+    """A CLIP/SigLIP encoder layer's forward with a reduction point between attention and MLP.
+
+    ``policy`` (``None``: no reduction in this layer) is asked with ``num_layers`` as the depth it acts
+    over. ``taps`` captures the projections the signals need; ``on_output(state, output, taken)`` sees
+    the layer's output and captured projections (LLaVA's feature layer).
+    """
     original = layer.forward
-    policy = runtime.policies["vision"]
-    proportional = policy.proportional_attention()
+    proportional = policy is not None and policy.proportional_attention()
 
     def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
@@ -141,22 +192,21 @@ def _layer_forward(layer: nn.Module, index: int, num_layers: int, roles: tuple[s
         if state is None:
             return original(hidden_states, attention_mask, *args, **kwargs)
         if attention_mask is not None or args:
-            raise ValueError("vtprune: token merging cannot be combined with an attention_mask in CLIP/SigLIP "
-                             "encoder layers (the mask would not follow the merged tokens)")
+            raise ValueError("vtprune: token reduction cannot be combined with an attention_mask in CLIP/SigLIP "
+                             "encoder layers (the mask would not follow the reduced tokens)")
         x = hidden_states
         state.start(x)
         mask = log_size_bias(state, x.dtype) if proportional else None
         attended, _ = layer.self_attn(hidden_states=layer.layer_norm1(x), attention_mask=mask, **kwargs)
+        taken = taps.take() if taps is not None else {}
         x = x + attended
-
-        def provide(name: str) -> torch.Tensor:
-            if name == "keys":
-                return keys_slot.take().unflatten(-1, (-1, layer.self_attn.head_dim)).mean(-2)
-            raise ValueError(f"hf-clip-vision offers the signals 'keys' and 'hidden', not {name!r}")
-
-        x = reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
-                      provide=provide)
-        return x + layer.mlp(layer.layer_norm2(x))
+        if policy is not None:
+            x = reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
+                          provide=lambda name: attention_signal(name, taken, layer.self_attn))
+        x = x + layer.mlp(layer.layer_norm2(x))
+        if on_output is not None:
+            on_output(state, x, taken)
+        return x
 
     return forward
 

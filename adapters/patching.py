@@ -50,6 +50,7 @@ class _Override:
         self.function = function
         self.name = name
         self.owner = weakref.ref(owner)
+        self.__wrapped__ = function  # inspect.signature sees the original's (generate validates kwargs by it)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.function(*args, **kwargs)

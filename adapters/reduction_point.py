@@ -25,17 +25,22 @@ def log_size_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def reduce_at(policy: Policy, state: TokenState, hidden: torch.Tensor, *, site: str, layer: int, num_layers: int,
-              roles: tuple[str, ...], provide: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """Ask ``policy`` for a plan at this mid-layer point, apply it to ``hidden`` and the state, and record
-    the layer in the trace (attention saw the tokens entering, the rest of the layer the tokens left).
+              roles: tuple[str, ...], provide: Callable[[str], Any], grid: tuple[int, int] | None = None,
+              where: str = "mid") -> torch.Tensor:
+    """Ask ``policy`` for a plan at this point, apply it to ``hidden`` and the state, and record the layer
+    in the trace. ``where="mid"``: between attention and MLP (attention saw the tokens entering, the rest
+    of the layer the tokens left); ``"pre"``: before a module (the projector) that sees only the tokens left.
 
     The first ``len(roles)`` tokens are the protected prefix. Returns the reduced ``hidden``.
     """
     view = LayerView(site=site, layer=layer, num_layers=num_layers, hidden=hidden, num_protected=len(roles),
-                     prefix_roles=roles, size=state.size, _provider=provide)
+                     prefix_roles=roles, size=state.size, _provider=provide, memory=state.memory.setdefault(site, {}),
+                     grid=grid)
     plan = policy.reduce(view)
     reduced = state.apply(hidden, plan)
-    state.record(site, layer, hidden.shape[1], reduced.shape[1], "mid" if plan is not None else "none")
+    if plan is not None and reduced.shape[1] < len(roles):
+        raise RuntimeError(f"policy {policy} dropped protected prefix tokens at {site} layer {layer}")
+    state.record(site, layer, hidden.shape[1], reduced.shape[1], where if plan is not None else "none")
     return reduced
 
 

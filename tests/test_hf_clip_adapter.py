@@ -158,7 +158,7 @@ def test_inspect_and_clip_model_wrapper():
     report = vtprune.inspect(tiny_tower("clip"))
     assert report.adapter == "hf-clip-vision" and report.protected == ("cls",)
     assert report.sites["vision"] == ("encoder.layers.0", "encoder.layers.1", "encoder.layers.2")
-    assert set(report.signals) == {"keys", "hidden"}
+    assert set(report.signals) == {"keys", "qkv", "hidden"}
     siglip = vtprune.inspect(tiny_tower("siglip"))
     assert siglip.protected == () and any("unweighted" in note for note in siglip.notes)
 

@@ -7,7 +7,9 @@ are dropped (pruning is a plan with no ``src``). Every sample has the same ``N_o
 rectangular.
 
 Merging is size-weighted (ToMe's ``merge_wavg``, Bolya et al. 2023, Sec. 3): with token sizes ``s``,
-``x_j <- sum_{i in j} s_i x_i / sum_{i in j} s_i`` and ``s_j <- sum_{i in j} s_i``.
+``x_j <- sum_{i in j} s_i x_i / sum_{i in j} s_i`` and ``s_j <- sum_{i in j} s_i``. A plan may instead
+carry explicit per-token ``weights``; then ``x_j <- sum_{i in j} w_i x_i`` with no normalisation (VisionZip's
+contextual tokens, ``target + mean(others)``); sizes still add up.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ import torch
 
 @dataclass(frozen=True)
 class MergePlan:
-    """``keep``: ``[B, N_out]`` input index per output slot; ``src``/``dst``: ``[B, R]`` merged tokens."""
+    """``keep``: ``[B, N_out]`` input index per output slot; ``src``/``dst``: ``[B, R]`` merged tokens;
+    ``weights``: optional ``[B, N_in]`` explicit weight of every input token (replaces size weighting)."""
 
     keep: torch.Tensor
     src: torch.Tensor
     dst: torch.Tensor
+    weights: torch.Tensor | None = None
 
     @property
     def num_out(self) -> int:
@@ -51,15 +55,15 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> tupl
     rows = x.reshape(batch * num_in, channels)
     sizes = size.reshape(batch * num_in, 1)
     keep = (plan.keep + _row_offsets(batch, num_in, plan.keep)).reshape(-1)
+    weights = sizes if plan.weights is None else plan.weights.reshape(batch * num_in, 1).to(size.dtype)
     size_out = sizes.index_select(0, keep)
-    out = rows.index_select(0, keep).to(size.dtype) * size_out
+    out = rows.index_select(0, keep).to(size.dtype) * weights.index_select(0, keep)
     if plan.src.shape[1]:
         src = (plan.src + _row_offsets(batch, num_in, plan.src)).reshape(-1)
         dst = (plan.dst + _row_offsets(batch, num_out, plan.dst)).reshape(-1)
-        src_sizes = sizes.index_select(0, src)
-        out = out.index_add(0, dst, rows.index_select(0, src).to(size.dtype) * src_sizes)
-        size_out = size_out.index_add(0, dst, src_sizes)
-    out = (out / size_out).to(x.dtype)
+        out = out.index_add(0, dst, rows.index_select(0, src).to(size.dtype) * weights.index_select(0, src))
+        size_out = size_out.index_add(0, dst, sizes.index_select(0, src))
+    out = (out / size_out if plan.weights is None else out).to(x.dtype)
     return out.view(batch, num_out, channels), size_out.view(batch, num_out, 1)
 
 

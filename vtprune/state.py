@@ -35,6 +35,9 @@ class TokenState:
     batch_size: int = 0
     records: dict[str, list[LayerTokens]] = field(default_factory=dict)
     layer_assignments: dict[int, torch.Tensor] = field(default_factory=dict)
+    memory: dict[str, dict] = field(default_factory=dict)  # per-site policy memory (LayerView.memory)
+    scratch: dict[str, Any] = field(default_factory=dict)  # adapter-private values of this call
+    positions: torch.Tensor | None = None  # [B, n] original positions of the tokens handed on (VLMs)
 
     def start(self, hidden: torch.Tensor) -> None:
         """Initialise from the first sequence a reduction site sees (idempotent)."""
@@ -62,8 +65,16 @@ class TokenState:
             self.layer_assignments[layer] = self.assignment
 
     def trace(self) -> Trace:
+        positions = None if self.positions is None else tuple(tuple(row) for row in self.positions.tolist())
         return Trace(batch_size=self.batch_size,
-                     sites={site: tuple(layers) for site, layers in self.records.items()})
+                     sites={site: tuple(layers) for site, layers in self.records.items()}, positions=positions)
+
+    def adopt(self, other: "TokenState") -> None:
+        """Take over the token bookkeeping of an earlier call (a VLM's image encoding run by ``generate``
+        before the prefill forward), so that the prefill's trace shows it."""
+        for name in ("size", "assignment", "num_original", "batch_size", "positions"):
+            setattr(self, name, getattr(other, name))
+        self.records = {site: list(layers) for site, layers in other.records.items()}
 
     def source(self) -> torch.Tensor | None:
         """Dense ``[B, N, N0]`` source matrix (ToMe's ``trace_source``) of the current sequence."""

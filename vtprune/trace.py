@@ -10,7 +10,8 @@ class LayerTokens:
     """Token counts of one layer. ``tokens_in`` enter the layer; ``tokens_out`` leave it.
 
     ``reduced``: where the reduction happened inside the layer (``"mid"`` = between attention and
-    MLP, so attention ran on ``tokens_in`` and the MLP on ``tokens_out``; ``"none"`` = no reduction).
+    MLP, so attention ran on ``tokens_in`` and the MLP on ``tokens_out``; ``"pre"`` = before the module,
+    which ran on ``tokens_out`` only (the projector site); ``"none"`` = no reduction).
     ``per_sample_out`` is set only when samples of the batch differ.
     """
 
@@ -23,10 +24,17 @@ class LayerTokens:
 
 @dataclass(frozen=True)
 class Trace:
-    """Token counts of the last forward. ``sites`` maps a site name to its layers in execution order."""
+    """Token counts of the last forward. ``sites`` maps a site name to its layers in execution order.
+
+    ``positions`` (vision-language models): for each image, the original raster position in the patch
+    grid of every visual token handed to the language model, in the order they are handed on (for a
+    merged token, its smallest original position; a protected prefix token such as CLS is position
+    ``-1``); ``None`` for vision-only models.
+    """
 
     batch_size: int
     sites: dict[str, tuple[LayerTokens, ...]] = field(default_factory=dict)
+    positions: tuple[tuple[int, ...], ...] | None = None
 
     def layers(self, site: str = "vision") -> tuple[LayerTokens, ...]:
         if site not in self.sites:
@@ -45,8 +53,12 @@ class Trace:
         return self.layers(site)[-1].tokens_out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size,
-                "sites": {site: [asdict(layer) for layer in layers] for site, layers in self.sites.items()}}
+        out: dict[str, Any] = {"batch_size": self.batch_size,
+                               "sites": {site: [asdict(layer) for layer in layers]
+                                         for site, layers in self.sites.items()}}
+        if self.positions is not None:
+            out["positions"] = [list(row) for row in self.positions]
+        return out
 
     def __str__(self) -> str:
         lines = [f"Trace(batch_size={self.batch_size})"]

@@ -7,6 +7,18 @@ from typing import Callable
 import torch
 
 
+@dataclass(frozen=True)
+class QKV:
+    """The queries, keys and values of one attention layer, per head: each ``[B, H, N, head_dim]``, as the
+    layer's projections produced them (after any q/k norm, before scaling). ``scale`` is the factor the
+    layer applies to ``q·kᵀ`` before its softmax (usually ``head_dim ** -0.5``)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+
+
 @dataclass
 class LayerView:
     """One reduction point, handed by an adapter to a policy.
@@ -14,8 +26,13 @@ class LayerView:
     ``hidden`` is the sequence at the reduction point ``[B, N, C]``; its first ``num_protected`` tokens
     (roles in ``prefix_roles``: ``"cls"``, ``"dist"``, ``"register"``) must survive unchanged and stay in
     front. ``size`` is the number of original tokens inside each token ``[B, N, 1]`` (``None`` before
-    the first merge). Signals (``"keys"``: keys averaged over heads ``[B, N, head_dim]``; ``"hidden"``)
-    are computed only when a policy asks for them.
+    the first merge). Signals are computed only when a policy asks for them: ``"keys"`` (keys averaged
+    over heads ``[B, N, head_dim]``), ``"qkv"`` (a :class:`QKV` of the layer's attention), ``"hidden"``.
+
+    ``memory`` is a dict private to this policy for the duration of one call (one forward), for
+    policies that carry scores from layer to layer (FlowCut's cumulative importance). ``grid`` is the
+    ``(rows, cols)`` patch grid when the non-prefix tokens are still the full, unreduced grid in raster
+    order (projector site), else ``None``.
     """
 
     site: str
@@ -27,6 +44,8 @@ class LayerView:
     size: torch.Tensor | None
     _provider: Callable[[str], torch.Tensor] = field(repr=False, default=None)  # type: ignore[assignment]
     _cache: dict = field(default_factory=dict, repr=False)
+    memory: dict = field(default_factory=dict, repr=False)
+    grid: tuple[int, int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -49,3 +68,7 @@ class LayerView:
     @property
     def keys(self) -> torch.Tensor:
         return self.signal("keys")
+
+    @property
+    def qkv(self) -> QKV:
+        return self.signal("qkv")  # type: ignore[return-value]
