@@ -33,3 +33,5 @@ from .hf_clip import HFVisionAdapter  # noqa: E402
 ADAPTERS.append(HFVisionAdapter())
 from .open_clip_vit import OpenClipViTAdapter  # noqa: E402
 ADAPTERS.append(OpenClipViTAdapter())
+from .hf_llava import HFLlavaAdapter  # noqa: E402
+ADAPTERS.append(HFLlavaAdapter())

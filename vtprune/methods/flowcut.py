@@ -1,0 +1,117 @@
+"""FlowCut, vision stage (Tong et al., "FlowCut: Rethinking Redundancy via Information Flow for Efficient
+Vision-Language Models", NeurIPS 2025, arXiv 2505.19536), checked against the official code (a2ecd24).
+
+Inside the vision encoder, every layer scores each patch token by how much information flows through it
+from the relay token (CLS) and accumulates the score; every ``interval`` layers it drops tokens, as many
+as the entropy of the relay's attention allows, and at the second-to-last layer it cuts to exactly
+``keep``. See ``docs/policies/flowcut.md``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..matching import matching_precision
+from ..policy import Policy, check_float, check_int
+from ..reduction import MergePlan
+from ..registry import register_policy
+from ..view import QKV, LayerView
+
+
+def relay_scores(qkv: QKV, num_protected: int, relay: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(relay_attention, score)`` over the patch tokens ``[B, N_patches]`` of one layer.
+
+    ``relay="cls"`` (paper Sec. 3.1-3.2, official ``compute_score``): ``A = mean_h softmax(q_cls kᵀ · scale)``
+    and ``S_sem = mean_h softmax(v_cls vᵀ)`` (no scaling, as the official code), both over all tokens and
+    then sliced to the patches; ``score = (A / ΣA + S_sem / ΣS_sem) · ‖mean_h v‖₁``.
+    ``relay="mean"`` (CLS-free encoders, official Qwen2-VL code): the relay query is the mean query over
+    the tokens, ``A = mean_h softmax(q̄ kᵀ · scale)`` and ``score = A · ‖mean_h v‖₁`` (no semantic term).
+    Computed in at least float32.
+    """
+    q, k, v = (matching_precision(tensor) for tensor in (qkv.q, qkv.k, qkv.v))
+    density = v.mean(1)[:, num_protected:].abs().sum(-1)  # information density, L1 of the head-mean value
+    if relay == "cls":
+        attention = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) * qkv.scale, dim=-1).mean(1)[:, 0]
+        semantic = torch.softmax(v[:, :, :1] @ v.transpose(-1, -2), dim=-1).mean(1)[:, 0]
+        attention, semantic = attention[:, num_protected:], semantic[:, num_protected:]
+        score = (attention / attention.sum(-1, keepdim=True) + semantic / semantic.sum(-1, keepdim=True)) * density
+        return attention, score
+    query = q.mean(2, keepdim=True)
+    attention = torch.softmax(query @ k.transpose(-1, -2) * qkv.scale, dim=-1).mean(1)[:, 0, num_protected:]
+    return attention, attention * density
+
+
+def adaptive_prune_count(attention: torch.Tensor, remaining_layers: int, target: int) -> int:
+    """Tokens to drop now (paper Sec. 3.1; official ``adaptive_prune_ratio``):
+    ``round((N - T) / sqrt(L_rem) · (1 - (H / log N)²))`` with ``H`` the entropy of the relay attention
+    renormalised over the ``N`` patches; the maximum over the batch before rounding (so batches stay
+    rectangular), rounded half to even like ``torch.round``.
+    """
+    num = attention.shape[-1]
+    prob = attention / attention.sum(-1, keepdim=True)
+    entropy = -(prob * prob.clamp_min(torch.finfo(prob.dtype).tiny).log()).sum(-1)
+    ratio = entropy / math.log(num) if num > 1 else torch.zeros_like(entropy)
+    count = (num - target) / math.sqrt(remaining_layers) * (1 - ratio ** 2)
+    return int(count.max().double().round().item())
+
+
+@register_policy
+@dataclass(frozen=True)
+class FlowCut(Policy):
+    """Prune patch tokens inside the vision encoder by cumulative information-flow importance.
+
+    At every layer while more than ``keep`` patches remain: ``S_cum <- history · S_cum + (1 - history) · S``
+    with ``S`` from :func:`relay_scores` (the first layer starts ``S_cum = S``). With ``L`` the depth the
+    policy acts over (for LLaVA the layers up to its feature layer) and ``L_rem = L - 2 - layer``: when
+    ``L_rem`` is a multiple of ``interval`` it keeps the ``max(N - P, keep)`` patches of highest ``S_cum``
+    (``P`` from :func:`adaptive_prune_count`; at ``L_rem = 0`` exactly ``keep``), in raster order. On
+    LLaVA-1.5 (24 layers, feature layer -2) that is layers 1, 3, ..., 19 and the forced cut at layer 21,
+    as the official code. The relay is the CLS token, or the mean query for CLS-free encoders (SigLIP).
+    Protected prefix tokens (CLS) are kept and not counted in ``keep``.
+
+    Args:
+        keep: patch tokens left after the final cut (int >= 1).
+        interval: prune every ``interval`` layers (int >= 1; paper: 2).
+        history: weight of the accumulated score in the update, in [0, 1) (paper: 0.5).
+    """
+
+    name: ClassVar[str] = "flowcut"
+    site: ClassVar[str] = "vision"
+    spec_fields: ClassVar[tuple[str, ...]] = ("keep",)
+    signals: ClassVar[tuple[str, ...]] = ("qkv",)
+
+    keep: int = 64
+    interval: int = 2
+    history: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_int("keep", self.keep, minimum=1, policy="flowcut")
+        check_int("interval", self.interval, minimum=1, policy="flowcut")
+        object.__setattr__(self, "history",
+                           check_float("history", self.history, low=0.0, high=1.0, high_open=True, policy="flowcut"))
+
+    def reduce(self, view: LayerView) -> MergePlan | None:
+        patches = view.num_tokens - view.num_protected
+        remaining = view.num_layers - 2 - view.layer
+        if patches <= self.keep or remaining < 0:
+            return None
+        if view.num_layers < 2:
+            raise ValueError(f"flowcut needs at least 2 layers to act over, got {view.num_layers}")
+        relay = "cls" if view.has_class_token else "mean"
+        attention, score = relay_scores(view.qkv, view.num_protected, relay)
+        previous = view.memory.get("score")
+        cumulative = score if previous is None else self.history * previous + (1 - self.history) * score
+        view.memory["score"] = cumulative
+        if remaining % self.interval:
+            return None
+        drop = adaptive_prune_count(attention, remaining, self.keep) if remaining else patches
+        kept = max(patches - drop, self.keep)
+        if kept >= patches:
+            return None
+        order = cumulative.topk(kept, dim=-1).indices.sort(dim=-1).values
+        view.memory["score"] = cumulative.gather(1, order)
+        prefix = torch.arange(view.num_protected, device=order.device).expand(order.shape[0], -1)
+        return MergePlan.prune(torch.cat([prefix, order + view.num_protected], dim=1))
