@@ -29,18 +29,31 @@ def small_vit(name: str = "vit_tiny_patch16_224", dtype=torch.float32, **kwargs)
     return tiny_vit(name, dtype=dtype, **config)
 
 
-def build_tiny_llava(seed: int = 0):
-    """A tiny HF LlavaForConditionalGeneration from configs (CLIP 2 layers, Llama 2 layers with GQA):
-    32 px images in 8 px patches give 16 image tokens (id 127)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def build_tiny_llava(seed: int = 0, *, vision_layers: int = 2, image_size: int = 32, patch_size: int = 8,
+                     vision: str = "clip", attn: str = "sdpa", dtype=torch.float32):
+    """A tiny HF LlavaForConditionalGeneration from configs (Llama 2 layers with GQA, vocab 128, image token 127).
 
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8)
+    Default: CLIP with 2 layers, 32 px images in 8 px patches, 16 image tokens per image. ``vision="siglip"``
+    uses a SigLIP tower (no CLS; strategy "full"). ``vision_layers=24, image_size=336, patch_size=14`` is
+    LLaVA-1.5's tower geometry (577 tokens, 576 image tokens).
+    """
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              SiglipVisionConfig)
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
+                 image_size=image_size, patch_size=patch_size)
+    vision_config = CLIPVisionConfig(**tower) if vision == "clip" else SiglipVisionConfig(**tower)
     text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=127, image_seq_length=16)
+                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048)
+    strategy = "default" if vision == "clip" else "full"
+    tokens = (image_size // patch_size) ** 2
+    config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_index=127,
+                         image_seq_length=tokens, vision_feature_select_strategy=strategy)
+    config._attn_implementation = attn
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).eval()
+    model = LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    return model.to(dtype)
 
 
 def check_already_patched_rules(model: torch.nn.Module, run, expected_tokens: list[int]) -> None:

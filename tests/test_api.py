@@ -168,7 +168,7 @@ def test_registry_lists_policies():
     registry = vtprune.policies()
     assert registry["tome"] is vtprune.ToMe and registry["pitome"] is vtprune.PiToMe
     assert list(registry) == sorted(registry)
-    with pytest.raises(ValueError, match="unknown policy 'tomme'; registered policies: pitome, tome"):
+    with pytest.raises(ValueError, match="unknown policy 'tomme'; registered policies: flowcut, pitome, pool2d, randomkeep, tome, visionzip"):
         vtprune.apply(small_vit(), "tomme:r=2")
 
 

@@ -130,8 +130,9 @@ class VisionZip(Policy):
         targets, others, assigned = contextual_plan(qkv.k.mean(1), rest, self.contextual)
         keep = torch.cat([head, dominant, targets], dim=1)
         first_contextual = prefix + top
-        counts = torch.zeros(batch, self.contextual, device=device).scatter_add_(
-            1, assigned, torch.ones_like(assigned, dtype=torch.float32)).clamp_min(1)
-        weights = torch.ones(batch, view.num_tokens, dtype=torch.float32, device=device)
+        dtype = torch.promote_types(view.hidden.dtype, torch.float32)
+        counts = torch.zeros(batch, self.contextual, dtype=dtype, device=device).scatter_add_(
+            1, assigned, torch.ones_like(assigned, dtype=dtype)).clamp_min(1)
+        weights = torch.ones(batch, view.num_tokens, dtype=dtype, device=device)
         weights.scatter_(1, others, 1.0 / counts.gather(1, assigned))
         return MergePlan(keep=keep, src=others, dst=assigned + first_contextual, weights=weights)
