@@ -132,6 +132,9 @@ class HFLlavaAdapter:
                 _checked_feature_layer(inner.get_image_features, config_layer), post=_tag_image_features))
             patch.override(model, "forward", runtime.entry(
                 _language_forward(model, inner, runtime, config_layer), before=refuse_gradient_checkpointing(model)))
+            if callable(getattr(model, "_expand_multimodal_outputs", None)):
+                patch.override(model, "_expand_multimodal_outputs",
+                               _expand_tagged(model._expand_multimodal_outputs, model.config.image_token_id))
         except BaseException:
             patch.undo()
             raise
@@ -220,6 +223,38 @@ def _tag_image_features(output: Any, state: TokenState) -> Any:
     if counts is not None and output is not None and not isinstance(output, tuple):
         object.__setattr__(output, TAG, ImageTokens(original=counts[0], kept=counts[1], state=state))
     return output
+
+
+def _expand_tagged(original, placeholder: int):
+    """``generate``'s expansion of encoded images for ``num_beams`` / ``num_return_sequences`` groups images
+    per prompt by matching placeholder counts to feature lengths, which pruned features no longer match;
+    for features vtprune encoded, group them by their original counts instead."""
+    signature = inspect.signature(original)
+
+    def expand(*args: Any, **kwargs: Any) -> Any:
+        named = _named_arguments(signature, args, kwargs)
+        encoded, input_ids, times = named.get("mm_encoder_output"), named.get("input_ids"), named.get("expand_size", 1)
+        image = encoded.get("image") if isinstance(encoded, dict) else None
+        tag = getattr(image, TAG, None)
+        if tag is None or input_ids is None or times == 1 or tag.original == tag.kept:
+            return original(*args, **kwargs)
+        order, start = [], 0
+        for count in (input_ids == placeholder).sum(-1).tolist():
+            end, total = start, 0
+            while total < count and end < len(tag.original):
+                total += tag.original[end]
+                end += 1
+            order.extend(list(range(start, end)) * times)
+            start = end
+        features = image.pooler_output
+        expanded = [features[i] for i in order]
+        image.pooler_output = torch.stack(expanded) if isinstance(features, torch.Tensor) else expanded
+        object.__setattr__(image, TAG, ImageTokens(original=tuple(tag.original[i] for i in order),
+                                                   kept=tuple(tag.kept[i] for i in order), state=tag.state))
+        return encoded
+
+    expand.__wrapped__ = original  # type: ignore[attr-defined]
+    return expand
 
 
 def _language_forward(model: nn.Module, inner: nn.Module, runtime: Runtime, config_layer: int):

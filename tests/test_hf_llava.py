@@ -295,3 +295,28 @@ def test_clear_errors():
     report = vtprune.inspect(model)
     assert report.adapter == "hf-llava" and report.sites["projector"] == ("model.multi_modal_projector",)
     assert report.sites["vision"] == ("model.vision_tower.encoder.layers.0",)
+
+
+def test_beam_search_and_several_return_sequences():
+    model = build_tiny_llava(dtype=torch.float64)
+    parts = [([1, 2, 3], [4, 5]), ([6], [7, 8, 9, 10])]
+    ids, mask = batch([prompt(before, 16, after) for before, after in parts])
+    short, short_mask = batch([prompt(before, 5, after) for before, after in parts])
+    pixels = images(2, dtype=torch.float64, seed=10)
+    beams = dict(max_new_tokens=4, num_beams=2, do_sample=False)
+    policy = vtprune.RandomKeep(keep=5)
+    with torch.no_grad():
+        reference = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **beams)
+        with vtprune.applied(model, vtprune.RandomKeep(keep=16)):
+            assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **beams),
+                               reference)
+        with vtprune.applied(model, policy):
+            kept = model.model.get_image_features(pixel_values=pixels)
+            pruned = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **beams)
+            sampled = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
+                                     do_sample=True, num_return_sequences=3)
+        kept = type(kept)(pooler_output=list(kept.pooler_output))  # the unpatched model fed the kept tokens
+        expected = model.generate(input_ids=short, attention_mask=short_mask, mm_encoder_outputs={"image": kept},
+                                  **beams)
+    assert torch.equal(pruned[:, :ids.shape[1]], ids) and torch.equal(pruned[:, -4:], expected[:, -4:])
+    assert sampled.shape == (6, ids.shape[1] + 3) and torch.equal(sampled[::3, :ids.shape[1]], ids)
