@@ -293,6 +293,58 @@ def test_measured_agrees_with_full_on_a_tiny_llava(tiny_llava):
     _agree(analytic.decode_per_token, step.total)
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("policy", [vtprune.ToMe(r=3), vtprune.PiToMe(ratio=0.8), vtprune.FlowCut(keep=5)], ids=str)
+def test_measured_agrees_with_full_on_merged_hf_towers(kind, policy):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32,
+                patch_size=8)
+    config = CLIPVisionConfig(**dims) if kind == "clip" else SiglipVisionConfig(**dims)
+    model = (CLIPVisionModel if kind == "clip" else SiglipVisionModel)(config).eval()
+    with vtprune.applied(model, policy) as handle:
+        measured = flops.measure(model, {"pixel_values": torch.randn(1, 3, 32, 32)})
+        analytic = flops.estimate(config, schedule=handle.trace, policy=policy, convention="full")
+    assert handle.trace.final_tokens() < 16 + (kind == "clip")
+    _agree(analytic.total, measured.per_sample)
+
+
+LLAVA_POLICIES = [vtprune.ToMe(r=3), vtprune.PiToMe(ratio=0.8), vtprune.RandomKeep(keep=5), vtprune.Pool2d(keep=4),
+                  vtprune.VisionZip(dominant=4, contextual=2), [vtprune.ToMe(r=2), vtprune.VisionZip(keep=5)]]
+
+
+@pytest.mark.parametrize("policy", LLAVA_POLICIES, ids=str)
+def test_measured_agrees_with_full_on_a_pruned_tiny_llava(tiny_llava, policy):
+    text = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    input_ids = torch.cat([text[:, :3], torch.full((1, 16), 127), text[:, 3:]], dim=1)
+    inputs = {"input_ids": input_ids, "pixel_values": torch.randn(1, 3, 32, 32)}
+    with vtprune.applied(tiny_llava, policy) as handle:
+        measured = flops.measure(tiny_llava, inputs, logits_to_keep=1)
+        analytic = flops.estimate(tiny_llava, schedule=handle.trace, policy=policy, convention="full",
+                                  prompt_tokens=text.shape[1])
+    assert analytic.visual_tokens == len(handle.trace.positions[0]) < 16
+    for site in ("vision", "projector", "lm_head"):
+        _agree(analytic.by_site[site], measured.by_site[site])
+    _agree(analytic.prefill, measured.total)
+
+
+def test_measured_agrees_with_full_on_flowcut_in_llava_geometry():
+    from conftest import build_tiny_llava
+
+    model = build_tiny_llava(vision_layers=24, image_size=336, patch_size=14)
+    text = torch.tensor([[1, 5, 6, 7, 8]])
+    input_ids = torch.cat([text[:, :2], torch.full((1, 576), 127), text[:, 2:]], dim=1)
+    inputs = {"input_ids": input_ids, "pixel_values": torch.randn(1, 3, 336, 336)}
+    policy = vtprune.FlowCut(keep=64)
+    with vtprune.applied(model, policy) as handle:
+        measured = flops.measure(model, inputs, logits_to_keep=1)
+        analytic = flops.estimate(model, schedule=handle.trace, policy=policy, convention="full",
+                                  prompt_tokens=text.shape[1])
+        paper = flops.estimate(model, schedule=handle.trace, policy=policy)
+    assert analytic.visual_tokens == 64 and paper.schedule["llm"] == ((64, 64),) * 2
+    _agree(analytic.prefill, measured.total)
+
+
 # --- command line ---------------------------------------------------------------------------------------------
 
 def test_cli_prints_schedule_and_both_conventions(capsys, tmp_path):

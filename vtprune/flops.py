@@ -773,7 +773,13 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
     given: dict[str, Any] = {}
     if isinstance(schedule, Trace):
         for site in schedule.sites:
-            given[site] = trace_schedule(schedule, site)
+            if site == "projector":
+                continue  # what it hands on is in trace.positions (see _trace_visual_tokens)
+            pairs = trace_schedule(schedule, site)
+            if site == "vision" and 0 < len(pairs) < layers["vision"]:
+                # a VLM's trace stops at the feature layer; the layers after it run on what is left
+                pairs = pairs + [(pairs[-1][1], pairs[-1][1])] * (layers["vision"] - len(pairs))
+            given[site] = pairs
     elif isinstance(schedule, Mapping):
         given = dict(schedule)
     elif schedule is not None:
@@ -789,6 +795,8 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
     for policy in sorted(policies, key=lambda item: ("vision", "projector", "llm").index(item.site)
                          if item.site in ("vision", "projector", "llm") else 3):
         site = policy.site
+        if site == "projector" and (visual_tokens is not None or "llm" in result):
+            continue  # the visual tokens it keeps are given
         if site == "projector":
             raise ValueError(f"policy {policy}: costing projector-site policies needs the visual tokens they keep; "
                              "pass schedule={'llm': [...]} with the counts the language model sees")
@@ -804,6 +812,14 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
     if arch.vision and "vision" not in result:
         result["vision"] = [(arch.vision.num_tokens, arch.vision.num_tokens)] * layers["vision"]
     return result
+
+
+def _trace_visual_tokens(trace: Trace, arch: Architecture) -> int | None:
+    """Visual tokens a VLM's trace says were handed to the language model: one row of ``trace.positions``
+    per image (``arch.views`` images per sample)."""
+    if not trace.positions:
+        return None
+    return arch.views * len(trace.positions[0])
 
 
 def _default_visual_tokens(arch: Architecture, result: Mapping[str, list[tuple[int, int]]],
@@ -845,14 +861,18 @@ def estimate(config: Any, *, schedule: Any = None, policy: Any = None, conventio
     policy: a policy (object, spec string, dict, or a list of them). Where no schedule is given for its
         site, its own rules give the schedule (:meth:`vtprune.Policy.token_schedule`, e.g. ToMe's
         ``r`` per layer with its cap); its matching is the method overhead.
-    visual_tokens: visual tokens entering the language model (default: the config's nominal count, or
-        what a vision-side schedule leaves at the feature layer).
+    visual_tokens: visual tokens entering the language model (default: for a VLM's trace, the tokens it
+        handed on, ``trace.positions``, which is also what the projector is costed on; else the config's
+        nominal count, or what a vision-side schedule leaves at the feature layer).
 
     Returns a :class:`Cost`: ``.total`` in ``.unit`` (MACs for ``paper``, FLOPs for ``full``).
     """
     arch = architecture(config)
     conv = resolve_convention(convention, **switches)
     policy_list = _policies(policy)
+    handed_on = _trace_visual_tokens(schedule, arch) if isinstance(schedule, Trace) and arch.llm else None
+    if visual_tokens is None:
+        visual_tokens = handed_on
     by_policy_site = {item.site: item for item in policy_list}
     sched = _schedules(arch, schedule, policy_list, visual_tokens)
     has_llm = arch.llm is not None
@@ -906,8 +926,10 @@ def estimate(config: Any, *, schedule: Any = None, policy: Any = None, conventio
         elif visual_tokens is not None and visual_tokens != sched["llm"][0][0]:
             raise ValueError(f"visual_tokens={visual_tokens} contradicts the language-model schedule, whose first "
                              f"layer sees {sched['llm'][0][0]} visual tokens; give one or the other")
-        projector_tokens = (arch.views * arch.visual_tokens_per_view(sched.get("vision"))
-                            if tower is not None else visual)
+        if handed_on is not None or tower is None:
+            projector_tokens = sched["llm"][0][0]
+        else:
+            projector_tokens = arch.views * arch.visual_tokens_per_view(sched.get("vision"))
         if conv.projector and arch.projector:
             by_site["projector"] = parts["projector"] = factor * projector_tokens * sum(
                 fan_in * fan_out for fan_in, fan_out in arch.projector)
