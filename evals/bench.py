@@ -481,7 +481,11 @@ def format_report(results: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``vtprune bench`` and ``python -m vtprune.evals.bench``)."""
-    parser.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random weights)")
+    parser.add_argument("--model", default="vit_base_patch16_224",
+                        help="timm model name (random weights); with --report cost also a random-weight LLaVA: "
+                             "llava-mid, llava-tiny, llava-1.5-7b (the architecture; use a GPU)")
+    parser.add_argument("--prompt-tokens", type=int, default=48,
+                        help="LLaVA models: text tokens around the image in the prompt (default 48)")
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5, help="timed forwards per configuration (median reported)")
@@ -520,9 +524,15 @@ def run_from_args(args: argparse.Namespace) -> int:
 
         if args.official_tome:
             raise SystemExit("vtprune bench: --official-tome applies to --report speed only")
-        results = cost.run(model_name=args.model, batch_size=args.batch_size, runs=args.runs, warmup=args.warmup,
-                           threads=args.threads, dtype=args.dtype, policies=args.policies, img_size=args.img_size,
-                           device=args.device, seed=args.seed, verbose=not args.quiet)
+        if args.model.startswith("llava"):
+            results = cost.run_llava(model_name=args.model, batch_size=args.batch_size, runs=args.runs,
+                                     warmup=args.warmup, threads=args.threads, dtype=args.dtype,
+                                     policies=args.policies, device=args.device, seed=args.seed,
+                                     prompt_tokens=args.prompt_tokens, verbose=not args.quiet)
+        else:
+            results = cost.run(model_name=args.model, batch_size=args.batch_size, runs=args.runs,
+                               warmup=args.warmup, threads=args.threads, dtype=args.dtype, policies=args.policies,
+                               img_size=args.img_size, device=args.device, seed=args.seed, verbose=not args.quiet)
         print(cost.format_report(results))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

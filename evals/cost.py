@@ -15,11 +15,12 @@ backend. For each configuration it reports, as the absolute value and as the rat
 * the attention backend of every layer.
 
 The harness is family-agnostic: a :class:`Family` turns a model and inputs into named :class:`Phase`
-callables (``"vision encoding"`` for a timm ViT). The LLaVA-family issues add a family whose phases are
-``"prefill"`` (time to first token) and ``"decode per token"`` (a phase with ``per_call=N`` decode steps
-divides its time by N), whose ``kv_cache_bytes`` reads the cache after the prefill, and whose
-``tokens`` reads the ``llm`` site of the trace; their policies plug in by spec string through the
-registry (``vtprune.make_policy``), nothing else changes. Register a family in :data:`FAMILIES`.
+callables (``"vision encoding"`` for a timm ViT; ``"prefill"`` (time to first token) and ``"decode per
+token"`` for HF LLaVA, where a phase with ``per_call=N`` decode steps divides its time by N and
+``kv_cache_bytes`` reads the cache after the prefill). Tokens per layer are those of the family's
+``site`` in the FLOPs estimate of the configuration's trace (the LLM's visual tokens for LLaVA).
+Policies plug in by spec string through the registry (``vtprune.make_policy``). Register a family in
+:data:`FAMILIES`; :func:`run` reports a timm ViT, :func:`run_llava` a random-weight LLaVA.
 """
 from __future__ import annotations
 
@@ -129,9 +130,9 @@ def hf_llava(decode_steps: int = 8) -> Family:
     one forward of the prompt with the image, ``use_cache=True``, logits of the last position only) and
     "decode per token" (``decode_steps`` greedy single-token steps on the prefill's cache, which is made
     by an untimed setup; the time is divided by ``decode_steps``). Inputs: ``{"input_ids", "pixel_values"}``
-    (batch 1; ``input_ids`` holds the image token ids). Tokens: the visual tokens entering each LLM layer.
-    LLM-side policies (the LLaVA-family issues) need their adapter to add a ``"llm"`` trace; until then
-    only the unpruned row exists.
+    (``input_ids`` holds the image token ids). Tokens: the visual tokens entering each LLM layer (for a
+    patched model, what ``vtprune.flops.estimate`` derives from its trace: the tokens handed on by vision-
+    and projector-site policies).
     """
 
     def image_tokens(model: nn.Module, inputs: dict[str, Any]) -> int:
@@ -172,7 +173,7 @@ def hf_llava(decode_steps: int = 8) -> Family:
     )
 
 
-#: Families by name. The LLaVA-family issues add e.g. ``"hf-llava"`` with "prefill" / "decode per token".
+#: Families by name.
 FAMILIES: dict[str, Family] = {"timm-vit": TIMM_VIT, "hf-llava": hf_llava()}
 
 
@@ -271,13 +272,13 @@ def measure(model: nn.Module, inputs: Any, specs: Sequence[str], family: Family 
             # The first forward records the tokens (the trace, or hooks on the unpatched model); never timed.
             if conf.handle is not None:
                 family.forward(conf.model, inputs)
-                schedule = flops.trace_schedule(conf.handle.trace, family.site)
+                source: Any = conf.handle.trace
             else:
-                schedule = family.layer_tokens(conf.model, inputs)
+                source = family.layer_tokens(conf.model, inputs)
             _sync(device)
-            costs = {name: flops.estimate(conf.model, schedule=schedule if conf.handle is None else conf.handle.trace,
-                                          policy=conf.policy, convention=name,
+            costs = {name: flops.estimate(conf.model, schedule=source, policy=conf.policy, convention=name,
                                           **family.estimate_kwargs(conf.model, inputs)) for name in CONVENTIONS}
+            schedule = [tuple(pair) for pair in costs["paper"].schedule[family.site]]
             progress(f"{conf.label}: peak memory")
             memory = peak_memory(lambda: family.forward(conf.model, inputs), device)
             rows.append({
@@ -287,8 +288,8 @@ def measure(model: nn.Module, inputs: Any, specs: Sequence[str], family: Family 
                 "tokens_per_layer": [list(pair) for pair in schedule],
                 "final_tokens": schedule[-1][1],
                 "mean_tokens": sum(pair[0] for pair in schedule) / len(schedule),
-                "flops": {name: {"total": cost.total, "unit": cost.unit, "description": cost.description}
-                          for name, cost in costs.items()},
+                "flops": {name: {"total": cost.total, "prefill": cost.prefill, "unit": cost.unit,
+                                 "description": cost.description} for name, cost in costs.items()},
                 "peak_memory_bytes": memory,
                 "kv_cache_bytes": family.kv_cache_bytes(conf.model, inputs),
             })
@@ -325,6 +326,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             "mean_tokens": _ratio(row["mean_tokens"], base["mean_tokens"]),
             **{f"flops_{name}": _ratio(row["flops"][name]["total"], base["flops"][name]["total"])
                for name in CONVENTIONS},
+            "flops_full_prefill": _ratio(row["flops"]["full"]["prefill"], base["flops"]["full"]["prefill"]),
             **{f"latency_{phase}": _ratio(value["median_s"], base["latency"].get(phase, {}).get("median_s"))
                for phase, value in row["latency"].items()},
             "peak_memory": _ratio(row["peak_memory_bytes"], base["peak_memory_bytes"]),
@@ -379,6 +381,92 @@ def run(model_name: str = "vit_base_patch16_224", batch_size: int = 32, runs: in
     }
 
 
+#: Random-weight LLaVA-1.5 architectures for the cost report: (vision tower, language model) config kwargs.
+#: ``llava-mid`` fits a 2-core CPU while the language model dominates (~80 % of the prefill FLOPs).
+LLAVA_MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "llava-mid": (dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4,
+                       image_size=336, patch_size=14),
+                  dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=8, vocab_size=32000)),
+    "llava-1.5-7b": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=336, patch_size=14, projection_dim=768),
+                     dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32064)),
+    "llava-tiny": (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                        image_size=56, patch_size=14),
+                   dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=128)),
+}
+
+
+def build_llava(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0,
+                attn: str = "sdpa") -> nn.Module:
+    """A random-weight ``LlavaForConditionalGeneration`` of one of :data:`LLAVA_MODELS` (no download)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if name not in LLAVA_MODELS:
+        raise SystemExit(f"vtprune bench: unknown LLaVA model {name!r}; known: {', '.join(LLAVA_MODELS)}")
+    vision, text = LLAVA_MODELS[name]
+    text_config = LlamaConfig(**text, max_position_embeddings=4096)
+    vision_config = CLIPVisionConfig(**vision)
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
+                         image_token_index=text["vocab_size"] - 1, image_seq_length=tokens)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attn)
+    return model.to(dtype).eval()
+
+
+def run_llava(model_name: str = "llava-mid", batch_size: int = 1, prompt_tokens: int = 48, runs: int = 3,
+              warmup: int = 1, threads: int | None = None, dtype: str = "float32",
+              policies: Sequence[str] = ("none", "flowcut:keep=64"), device: str = "cpu", seed: int = 0,
+              decode_steps: int = 8, verbose: bool = True) -> dict[str, Any]:
+    """The cost report of a random-weight LLaVA (:data:`LLAVA_MODELS`) as a JSON-ready dict: the "prefill"
+    and "decode per token" phases for a prompt of ``prompt_tokens`` text tokens around one image."""
+    from .bench import DTYPES, machine_info
+
+    if runs < 1 or warmup < 0 or batch_size < 1 or prompt_tokens < 1:
+        raise ValueError(f"need runs >= 1, warmup >= 0, batch size >= 1, prompt tokens >= 1; got {runs}, {warmup}, "
+                         f"{batch_size}, {prompt_tokens}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("vtprune bench: --device cuda but torch.cuda.is_available() is False")
+    progress = (lambda message: print(f"[cost] {message}", file=sys.stderr, flush=True)) if verbose else (
+        lambda message: None)
+    if threads:
+        torch.set_num_threads(threads)
+    load_before = machine_info()["load_average_1_5_15min"]
+    model = build_llava(model_name, DTYPES[dtype], device, seed)
+    config = model.config
+    image_tokens = config.image_seq_length
+    generator = torch.Generator().manual_seed(seed + 1)
+    text = torch.randint(1, config.text_config.vocab_size - 2, (batch_size, prompt_tokens), generator=generator)
+    before = prompt_tokens // 2
+    input_ids = torch.cat([text[:, :before], torch.full((batch_size, image_tokens), config.image_token_index),
+                           text[:, before:]], dim=1)
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch_size, 3, size, size, generator=generator)
+    inputs = {"input_ids": input_ids.to(device), "pixel_values": pixels.to(device=device, dtype=DTYPES[dtype])}
+    rows = measure(model, inputs, policies, hf_llava(decode_steps), warmup=warmup, runs=runs, device=device,
+                   progress=progress)
+    machine = machine_info()
+    machine["load_average_at_start"] = load_before
+    if device == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name()
+    return {
+        "machine": machine,
+        "config": {"model": model_name, "img_size": [size, size], "batch_size": batch_size, "runs": runs,
+                   "warmup": warmup, "dtype": dtype, "device": device, "policies": list(policies), "seed": seed,
+                   "weights": "random", "family": "hf-llava", "prompt_tokens": prompt_tokens,
+                   "image_tokens": image_tokens, "decode_steps": decode_steps},
+        "timer": "CUDA events + torch.cuda.synchronize" if device == "cuda" else "time.perf_counter (wall clock)",
+        "memory_method": MEMORY_METHOD["cuda" if device == "cuda" else "cpu"],
+        "flops_per": "sample",
+        "rows": rows,
+    }
+
+
 def _bytes(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f} MiB"
 
@@ -398,7 +486,9 @@ def format_report(results: dict[str, Any]) -> str:
         f"Python {machine['python']}; load average at start {machine.get('load_average_at_start')}",
         f"Model: {config['model']} at {config['img_size'][0]}x{config['img_size'][1]}, {config['weights']}, "
         f"{config['dtype']} on {config['device']}, batch {config['batch_size']}, warmup {config['warmup']}, "
-        f"{config['runs']} timed runs, eval mode, torch.inference_mode()",
+        f"{config['runs']} timed runs, eval mode, torch.inference_mode()"
+        + (f"; prompt: {config['prompt_tokens']} text tokens + {config['image_tokens']} image placeholders"
+           if "prompt_tokens" in config else ""),
         "",
         "| configuration | attention | final tokens | mean tokens/layer | GMACs/img [paper] | GFLOPs/img [full] | "
         + " | ".join(f"{phase} s/batch median (min-max)" for phase in phases)
@@ -426,4 +516,14 @@ def format_report(results: dict[str, Any]) -> str:
               f"paper = {rows[0]['flops']['paper']['description']}; full = {rows[0]['flops']['full']['description']}.",
               f"Latency: {results['timer']}, configurations interleaved per round. Peak memory: "
               f"{results['memory_method']}. KV cache: '-' = the model has none."]
+    if "prefill" in phases:
+        lines += ["", "| configuration | prefill FLOPs [full] vs unpruned | predicted prefill speed-up | "
+                  "measured prefill speed-up | measured / predicted |", "|---|---:|---:|---:|---:|"]
+        for row in rows[1:]:
+            flops_ratio, time_ratio = row["ratios"]["flops_full_prefill"], row["ratios"]["latency_prefill"]
+            predicted = 1 / flops_ratio if flops_ratio else None
+            measured = 1 / time_ratio if time_ratio else None
+            share = measured / predicted if predicted and measured else None
+            lines.append(f"| {row['label']} | {flops_ratio:.3f} | {_times(predicted)} | {_times(measured)} | "
+                         + ("-" if share is None else f"{share:.2f}") + " |")
     return "\n".join(lines)

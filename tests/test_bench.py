@@ -158,3 +158,30 @@ def test_cost_harness_times_prefill_and_decode_of_an_unpruned_tiny_llava():
     assert row["peak_memory_bytes"] > 0 and row["attention_backend_per_layer"] == [row["attention_backend"]] * 2
     expected = flops.estimate(model, schedule=[16, 16], convention="full", prompt_tokens=7)
     assert row["flops"]["full"]["total"] == expected.total
+
+
+def test_cost_report_of_a_pruned_tiny_llava_and_its_cli(capsys):
+    from vtprune.evals import cost
+
+    results = cost.run_llava("llava-tiny", prompt_tokens=6, runs=1, warmup=0, decode_steps=2, verbose=False,
+                             policies=["none", "flowcut:keep=4", "visionzip:keep=4", "pool2d:keep=4"])
+    rows = {row["label"]: row for row in results["rows"]}
+    assert [row["final_tokens"] for row in results["rows"]] == [16, 4, 4, 4]
+    assert rows["none (unpruned)"]["tokens_per_layer"] == [[16, 16]] * 2
+    for label, row in rows.items():
+        if label.startswith("none"):
+            continue
+        assert row["tokens_per_layer"] == [[4, 4]] * 2
+        assert row["ratios"]["flops_paper"] < 1 and row["ratios"]["flops_full_prefill"] < 1
+        # KV cache holds prompt + visual tokens: (6 + 4) / (6 + 16) of the unpruned positions
+        assert row["kv_cache_bytes"] * 22 == rows["none (unpruned)"]["kv_cache_bytes"] * 10
+    report = cost.format_report(results)
+    assert "predicted prefill speed-up" in report and "prompt: 6 text tokens + 16 image placeholders" in report
+
+    assert cli.main(["bench", "--report", "cost", "--model", "llava-tiny", "--runs", "1", "--warmup", "0",
+                     "--batch-size", "1", "--prompt-tokens", "4", "--policies", "none", "randomkeep:keep=9",
+                     "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "randomkeep:keep=9" in printed and "| 9 (0.56x)" in printed
+    with pytest.raises(SystemExit, match="unknown LLaVA model 'llava-huge'; known: llava-mid"):
+        cost.run_llava("llava-huge", verbose=False)
