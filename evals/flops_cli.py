@@ -90,7 +90,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             print(f"  {name}: {title}")
         print("Any timm VisionTransformer name (timm.list_models('vit_*')) is accepted too.")
         analytic = [name for name, cls in policies().items() if cls.token_schedule is not Policy.token_schedule]
+        handed = [name for name, cls in policies().items() if cls.handed_on is not Policy.handed_on]
         print("Policies with an analytic token schedule (--policy): " + ", ".join(analytic))
+        print("Policies whose visual tokens for a VLM's language model are fixed (--policy on a LLaVA config): "
+              + ", ".join(handed))
         return 0
     try:
         if not args.config:

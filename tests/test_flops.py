@@ -140,6 +140,16 @@ def test_policy_without_analytic_schedule_says_how_to_cost_it():
         flops.estimate("vit-b-16", policy=Opaque())
 
 
+@pytest.mark.parametrize("spec", ["flowcut:keep=64", "visionzip:keep=64", "randomkeep:keep=64", "pool2d:keep=64"])
+def test_vlm_pruning_policies_are_costed_from_the_tokens_they_hand_on(spec):
+    cost = flops.estimate("llava-1.5-7b", policy=spec)
+    assert cost.visual_tokens == 64 and cost.total == flops.estimate("llava-1.5-7b", schedule="64x32").total
+    full = flops.estimate("llava-1.5-7b", policy=spec, convention="full")
+    assert full.by_site["vision"] == flops.estimate("llava-1.5-7b", convention="full").by_site["vision"]
+    assert any("upper bound" in note for note in full.notes) == spec.startswith("flowcut")
+    assert flops.estimate("llava-next-7b", policy="visionzip:dominant=54,contextual=10").visual_tokens == 5 * 64
+
+
 # --- conventions, configs, output ----------------------------------------------------------------------
 
 def test_conventions_and_switches():
@@ -355,6 +365,10 @@ def test_cli_prints_schedule_and_both_conventions(capsys, tmp_path):
     assert "2.007 TMACs" in printed and "[paper]" in printed and "[full]" in printed and "TFLOPs" in printed
     data = json.loads(out.read_text())
     assert [item["convention"] for item in data] == ["paper", "full"]
+
+    assert cli.main(["flops", "--config", "llava-1.5-7b", "--policy", "flowcut:keep=64"]) == 0
+    printed = capsys.readouterr().out
+    assert "flowcut:keep=64" in printed and "415.5 GMACs" in printed and "upper bound" in printed
 
     assert cli.main(["flops", "--config", "vit-b-16", "--policy", "tome:r=16", "--per-layer"]) == 0
     printed = capsys.readouterr().out

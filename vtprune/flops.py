@@ -766,8 +766,17 @@ def _policies(policy: Any) -> list[Policy]:
     return make_policies(policy)
 
 
+def _handed_on(arch: Architecture, policy: Policy) -> int | None:
+    """Visual tokens per sample the policy hands a VLM's language model, if it fixes that count."""
+    if arch.vision is None or arch.llm is None:
+        return None
+    tower = arch.vision
+    per_view = policy.handed_on(tower.num_patches, tower.num_prefix_tokens, arch.drop_prefix)
+    return None if per_view is None else arch.views * per_view
+
+
 def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
-               visual_tokens: int | None = None) -> dict[str, list[tuple[int, int]]]:
+               visual_tokens: int | None = None, notes: list[str] | None = None) -> dict[str, list[tuple[int, int]]]:
     layers = {"vision": arch.vision.blocks.num_layers if arch.vision else 0,
               "llm": arch.llm.num_layers if arch.llm else 0}
     given: dict[str, Any] = {}
@@ -797,6 +806,20 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
         site = policy.site
         if site == "projector" and (visual_tokens is not None or "llm" in result):
             continue  # the visual tokens it keeps are given
+        handed = _handed_on(arch, policy)
+        if site == "projector" and handed is not None:
+            result["llm"] = [(handed, handed)] * layers["llm"]
+            continue
+        if site == "vision" and handed is not None and layers["llm"] and site not in result and \
+                type(policy).token_schedule is Policy.token_schedule:
+            # counts inside the tower depend on the input: the tower is costed unreduced (an upper bound)
+            if notes is not None:
+                notes.append(f"{policy}: its per-layer counts inside the vision tower depend on the input; the "
+                             "tower is costed without them (an upper bound). Cost a trace for the exact count: "
+                             "estimate(model, schedule=handle.trace, policy=policy).")
+            if "llm" not in result and visual_tokens is None:
+                result["llm"] = [(handed, handed)] * layers["llm"]
+            continue
         if site == "projector":
             raise ValueError(f"policy {policy}: costing projector-site policies needs the visual tokens they keep; "
                              "pass schedule={'llm': [...]} with the counts the language model sees")
@@ -874,11 +897,11 @@ def estimate(config: Any, *, schedule: Any = None, policy: Any = None, conventio
     if visual_tokens is None:
         visual_tokens = handed_on
     by_policy_site = {item.site: item for item in policy_list}
-    sched = _schedules(arch, schedule, policy_list, visual_tokens)
+    notes: list[str] = []
+    sched = _schedules(arch, schedule, policy_list, visual_tokens, notes)
     has_llm = arch.llm is not None
     count_vision = conv.vision if conv.vision is not None else not has_llm
     factor = conv.factor
-    notes: list[str] = []
     parts: dict[str, int] = {}
     layers: list[LayerCost] = []
     by_site: dict[str, int | None] = {site: None for site in SITES}

@@ -40,6 +40,9 @@ class RandomKeep(Policy):
         check_int("keep", self.keep, minimum=1, policy="randomkeep")
         check_int("seed", self.seed, minimum=0, policy="randomkeep")
 
+    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool) -> int:
+        return min(self.keep, num_patches) + (0 if drop_prefix else num_prefix)
+
     def positions(self, num_patches: int) -> torch.Tensor:
         """The kept patch positions (sorted) for ``num_patches`` patches."""
         generator = torch.Generator().manual_seed(self.seed)
@@ -95,6 +98,9 @@ class Pool2d(Policy):
         if math.isqrt(self.keep) ** 2 != self.keep:
             raise ValueError(f"pool2d: keep must be a square number (the pooled grid is sqrt(keep) x sqrt(keep)), "
                              f"got {self.keep}")
+
+    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool) -> int:
+        return min(self.keep, num_patches) + (0 if drop_prefix else num_prefix)
 
     def reduce(self, view: LayerView) -> MergePlan | None:
         if view.grid is None:

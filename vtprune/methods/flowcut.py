@@ -93,6 +93,10 @@ class FlowCut(Policy):
         object.__setattr__(self, "history",
                            check_float("history", self.history, low=0.0, high=1.0, high_open=True, policy="flowcut"))
 
+    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool) -> int:
+        """``keep`` patches (the prefix is kept inside the tower and dropped by the host if it drops it)."""
+        return min(self.keep, num_patches) + (0 if drop_prefix else num_prefix)
+
     def reduce(self, view: LayerView) -> MergePlan | None:
         patches = view.num_tokens - view.num_protected
         remaining = view.num_layers - 2 - view.layer

@@ -108,6 +108,10 @@ class VisionZip(Policy):
         object.__setattr__(self, "contextual", contextual)
         object.__setattr__(self, "keep", dominant + contextual)
 
+    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool) -> int:
+        """``dominant + contextual`` (CLS, when there is one, among the dominant tokens)."""
+        return self.dominant + self.contextual
+
     def reduce(self, view: LayerView) -> MergePlan | None:
         prefix = view.num_protected
         if prefix > 1:
