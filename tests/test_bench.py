@@ -86,7 +86,7 @@ def test_cost_report_on_a_tiny_vit(tmp_path):
                        policies=["none", "tome:r=16"], verbose=False, depth=2)
     base, tome = results["rows"]
     assert [base["label"], tome["label"]] == ["none (unpruned)", "tome:r=16"]
-    assert set(base["ratios"]) == {"final_tokens", "mean_tokens", "flops_paper", "flops_full",
+    assert set(base["ratios"]) == {"final_tokens", "mean_tokens", "flops_paper", "flops_full", "flops_full_prefill",
                                    "latency_vision encoding", "peak_memory", "kv_cache"}
     assert all(value == 1 for key, value in base["ratios"].items() if key != "kv_cache")
     assert base["ratios"]["kv_cache"] is None and base["kv_cache_bytes"] is None and tome["kv_cache_bytes"] is None
