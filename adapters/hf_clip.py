@@ -176,12 +176,14 @@ def attention_signal(name: str, taken: dict[str, torch.Tensor], attn: nn.Module)
 
 def encoder_layer_forward(layer: nn.Module, index: int, runtime: Runtime, *, policy: Policy | None, num_layers: int,
                           roles: tuple[str, ...], taps: AttentionTaps | None,
-                          on_output: Callable[[TokenState, torch.Tensor, dict], None] | None = None):
+                          on_output: Callable[[TokenState, torch.Tensor, dict], None] | None = None,
+                          anyres: bool = False):
     """A CLIP/SigLIP encoder layer's forward with a reduction point between attention and MLP.
 
     ``policy`` (``None``: no reduction in this layer) is asked with ``num_layers`` as the depth it acts
     over. ``taps`` captures the projections the signals need; ``on_output(state, output, taken)`` sees
-    the layer's output and captured projections (LLaVA's feature layer).
+    the layer's output and captured projections (LLaVA's feature layer). ``anyres``: the sequences are
+    crops of LLaVA-NeXT images (:attr:`~vtprune.view.LayerView.anyres`).
     """
     original = layer.forward
     proportional = policy is not None and policy.proportional_attention()
@@ -202,7 +204,7 @@ def encoder_layer_forward(layer: nn.Module, index: int, runtime: Runtime, *, pol
         x = x + attended
         if policy is not None:
             x = reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
-                          provide=lambda name: attention_signal(name, taken, layer.self_attn))
+                          provide=lambda name: attention_signal(name, taken, layer.self_attn), anyres=anyres)
         x = x + layer.mlp(layer.layer_norm2(x))
         if on_output is not None:
             on_output(state, x, taken)

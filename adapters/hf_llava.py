@@ -28,6 +28,7 @@ returns logits over the shortened sequence.
 from __future__ import annotations
 
 import inspect
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -51,9 +52,12 @@ def _parts(model: nn.Module) -> nn.Module | None:
     if inner is None or not all(hasattr(inner, name) for name in ("vision_tower", "multi_modal_projector",
                                                                      "language_model", "get_image_features")):
         return None
-    if hasattr(inner, "image_newline") or hasattr(inner, "pack_image_features"):
-        return None  # LLaVA-NeXT (anyres)
     return inner
+
+
+def _is_anyres(inner: nn.Module) -> bool:
+    """LLaVA-NeXT: crops of each image are encoded separately and packed (``pack_image_features``)."""
+    return callable(getattr(inner, "pack_image_features", None))
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ TAG = "vtprune_image_tokens"
 
 class HFLlavaAdapter:
     name = "hf-llava"
-    family = "transformers LlavaForConditionalGeneration (LLaVA-1.5; CLIP or SigLIP vision tower)"
+    family = ("transformers LlavaForConditionalGeneration (LLaVA-1.5) and LlavaNextForConditionalGeneration "
+              "(LLaVA-NeXT); CLIP or SigLIP vision tower")
     sites = ("vision", "projector")
     signals = ("keys", "qkv", "hidden")
 
@@ -99,6 +104,9 @@ class HFLlavaAdapter:
         notes = [f"feature layer {model.config.vision_feature_layer}: vision-site policies act over layers 0..{depth - 1}",
                  f"select strategy {model.config.vision_feature_select_strategy!r}",
                  "generate runs unchanged; forward returns logits over the shortened sequence"]
+        if _is_anyres(inner):
+            notes.append("LLaVA-NeXT: every crop is reduced on its own; reduced crops are packed in raster order "
+                         "over the unpadded crop grid, without image_newline tokens (as FlowCut and VisionZip)")
         return Inspection(
             adapter=self.name, family=self.family, model_class=type(model).__name__,
             sites={"vision": tuple(f"model.vision_tower.encoder.layers.{i}" for i in range(depth)),
@@ -124,9 +132,12 @@ class HFLlavaAdapter:
                     taps.install(patch, runtime)
                 patch.override(layer, "forward", encoder_layer_forward(
                     layer, index, runtime, policy=vision, num_layers=depth, roles=roles, taps=taps,
-                    on_output=_remember_feature_layer(layer) if feature_layer else None))
+                    on_output=_remember_feature_layer(layer) if feature_layer else None, anyres=_is_anyres(inner)))
             patch.override(inner.multi_modal_projector, "forward", _projector_forward(
-                inner.multi_modal_projector, runtime, vision=vision, policy=projector, roles=roles, grid=grid))
+                inner.multi_modal_projector, runtime, vision=vision, policy=projector, roles=roles, grid=grid,
+                anyres=_is_anyres(inner)))
+            if _is_anyres(inner):
+                patch.override(inner, "pack_image_features", _pack_reduced(inner, runtime, grid, len(roles)))
             config_layer = model.config.vision_feature_layer
             patch.override(inner, "get_image_features", runtime.entry(
                 _checked_feature_layer(inner.get_image_features, config_layer), post=_tag_image_features))
@@ -174,7 +185,7 @@ def original_positions(state: TokenState, num_tokens: int, num_prefix: int) -> t
 
 
 def _projector_forward(module: nn.Module, runtime: Runtime, *, vision: Policy | None, policy: Policy | None,
-                       roles: tuple[str, ...], grid: tuple[int, int]):
+                       roles: tuple[str, ...], grid: tuple[int, int], anyres: bool = False):
     """The projector's forward: reorder vision-site output to raster order, run the projector-site policy on
     the feature layer's tokens, hand the result (CLS dropped unless the host or the policy keeps it) to the
     projector, and note the counts per image for the language-model side."""
@@ -205,16 +216,76 @@ def _projector_forward(module: nn.Module, runtime: Runtime, *, vision: Policy | 
             untouched = state.size is None and tokens.shape[1] - num_prefix == grid[0] * grid[1]
             tokens = reduce_at(policy, state, tokens, site="projector", layer=0, num_layers=1, roles=roles,
                                provide=lambda name: attention_signal(name, taken, attn),
-                               grid=grid if untouched else None, where="pre")
+                               grid=grid if untouched else None, where="pre", anyres=anyres)
         hand_prefix = host_keeps_prefix or getattr(policy, "hands_on_prefix", False)
         handed = tokens if hand_prefix else tokens[:, num_prefix:]
         if state.assignment is not None:
             positions = original_positions(state, tokens.shape[1], num_prefix)
             state.positions = positions if hand_prefix else positions[:, num_prefix:]
         state.scratch["image_tokens"] = ((count,) * features.shape[0], (handed.shape[1],) * features.shape[0])
+        state.scratch["reduced"] = handed.shape[1] != count
+        state.visual_tokens = (handed.shape[1],) * features.shape[0]
         return original(handed, *args, **kwargs)
 
     return forward
+
+
+def _pack_reduced(inner: nn.Module, runtime: Runtime, grid: tuple[int, int], num_prefix: int):
+    """LLaVA-NeXT's ``pack_image_features`` for reduced crops.
+
+    Unreduced crops go through the host's own packing. Reduced ones, per image: the base crop's tokens as
+    handed on; then the tiles' patch tokens that survive the host's unpadding, in raster order over the
+    whole tile grid (a merged token at its first patch); then the tiles' prefix tokens (CLS) if handed
+    on, in tile order; no ``image_newline`` tokens when there are tiles (the official FlowCut and VisionZip
+    packing). A single-crop image keeps its newline, as unpruned. Also records the placeholder counts per
+    image (the host's packed length) and the packed length for the prompt shortening.
+    """
+    original = inner.pack_image_features
+    host = sys.modules[type(inner).__module__]
+    rows, cols = grid
+
+    def pack(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+        state = runtime.active()
+        if state is None or not state.scratch.get("reduced"):
+            return original(image_features, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
+        unreduced = state.scratch["image_tokens"][0][0]
+        dummy = [torch.zeros(item.shape[0], unreduced, 1) for item in image_features]
+        _, host_lens = original(dummy, image_sizes, vision_feature_select_strategy,
+                                image_newline=None if image_newline is None else torch.zeros(1))
+        positions = state.positions
+        packed, start = [], 0
+        for index, crops in enumerate(image_features):
+            where = positions[start:start + crops.shape[0]] if positions is not None else None
+            start += crops.shape[0]
+            if crops.shape[0] == 1:
+                tokens = crops[0]
+                if image_newline is not None:
+                    tokens = torch.cat([tokens, image_newline[None].to(tokens)], dim=0)
+                packed.append(tokens)
+                continue
+            tiles_high, tiles_wide = host.get_anyres_image_grid_shape(
+                image_sizes[index], inner.config.image_grid_pinpoints, inner.config.vision_config.image_size)
+            width = tiles_wide * cols
+            layout = torch.arange(tiles_high * rows * width, device=crops.device).view(1, tiles_high * rows, width)
+            surviving = host.unpad_image(layout, image_sizes[index]).flatten()
+            keep_cell = torch.zeros(tiles_high * rows * width, dtype=torch.bool, device=crops.device)
+            keep_cell[surviving] = True
+            tiles, tile_positions = crops[1:], where[1:].to(crops.device)
+            tile = torch.arange(tiles.shape[0], device=crops.device).unsqueeze(1).expand_as(tile_positions)
+            patch = tile_positions.clamp(min=0)
+            cell = ((tile // tiles_wide) * rows + patch // cols) * width + (tile % tiles_wide) * cols + patch % cols
+            is_patch = tile_positions >= 0
+            chosen = is_patch & keep_cell[cell]
+            order = cell[chosen].argsort(stable=True)
+            parts = [crops[0], tiles[chosen][order], tiles[~is_patch]]
+            packed.append(torch.cat(parts, dim=0))
+        lens = [item.shape[0] for item in packed]
+        state.scratch["image_tokens"] = (tuple(int(n) for n in host_lens), tuple(lens))
+        state.visual_tokens = tuple(lens)
+        return packed, torch.tensor(lens, dtype=torch.long, device=image_features[0].device)
+
+    pack.__wrapped__ = original  # type: ignore[attr-defined]
+    return pack
 
 
 def _tag_image_features(output: Any, state: TokenState) -> Any:
@@ -276,10 +347,11 @@ def _language_forward(model: nn.Module, inner: nn.Module, runtime: Runtime, conf
         encoded = named.get("mm_encoder_outputs") or {}
         counts = None
         if named.get("pixel_values") is not None and encoded.get("image") is None:
+            extra = {"image_sizes": named["image_sizes"]} if named.get("image_sizes") is not None else {}
             image = inner.get_image_features(pixel_values=named["pixel_values"],
                                              vision_feature_layer=named.get("vision_feature_layer"),
                                              vision_feature_select_strategy=named.get("vision_feature_select_strategy"),
-                                             return_dict=True)
+                                             return_dict=True, **extra)
             named["mm_encoder_outputs"] = {**encoded, "image": image}
             named["pixel_values"] = None
             counts = state.scratch.get("image_tokens")

@@ -26,7 +26,7 @@ def log_size_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
 
 def reduce_at(policy: Policy, state: TokenState, hidden: torch.Tensor, *, site: str, layer: int, num_layers: int,
               roles: tuple[str, ...], provide: Callable[[str], Any], grid: tuple[int, int] | None = None,
-              where: str = "mid") -> torch.Tensor:
+              where: str = "mid", anyres: bool = False) -> torch.Tensor:
     """Ask ``policy`` for a plan at this point, apply it to ``hidden`` and the state, and record the layer
     in the trace. ``where="mid"``: between attention and MLP (attention saw the tokens entering, the rest
     of the layer the tokens left); ``"pre"``: before a module (the projector) that sees only the tokens left.
@@ -35,7 +35,7 @@ def reduce_at(policy: Policy, state: TokenState, hidden: torch.Tensor, *, site: 
     """
     view = LayerView(site=site, layer=layer, num_layers=num_layers, hidden=hidden, num_protected=len(roles),
                      prefix_roles=roles, size=state.size, _provider=provide, memory=state.memory.setdefault(site, {}),
-                     grid=grid)
+                     grid=grid, anyres=anyres)
     plan = policy.reduce(view)
     reduced = state.apply(hidden, plan)
     if plan is not None and reduced.shape[1] < len(roles):

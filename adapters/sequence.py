@@ -2,8 +2,8 @@
 
 A VLM prompt holds one placeholder token per visual token (LLaVA-1.5: 576 per image). When a policy hands
 on fewer tokens, every sequence-length input is shortened the same way: the first ``kept`` placeholders
-of each image stay, the rest of its run is removed, and rows that end up shorter than the longest are
-padded again on the side the input was padded on. The result is a column map that later decode steps
+of each image stay, the rest of its run is removed, rows that end up shorter than the longest are
+padded again on the side the input was padded on, and columns that are padding in every row are dropped. The result is a column map that later decode steps
 (which still count the original columns) are translated through.
 """
 from __future__ import annotations
@@ -88,6 +88,10 @@ def shorten_layout(input_ids: torch.Tensor, placeholder_id: int, original_counts
             columns[row, short - len(kept):] = kept
         else:
             columns[row, :len(kept)] = kept
+    if attention_mask is not None:  # padding columns that are padding in every row are not needed any more
+        padding = (columns < 0) | (attention_mask.cpu().gather(1, columns.clamp(min=0)) == 0)
+        used = (~padding).any(0).nonzero().flatten()
+        columns = columns[:, int(used[0]):int(used[-1]) + 1] if len(used) else columns
     device = input_ids.device
     return ShortenedLayout(columns=columns.to(device), original_length=length,
                            removed=torch.tensor(removed, dtype=torch.long, device=device))

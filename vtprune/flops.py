@@ -771,7 +771,7 @@ def _handed_on(arch: Architecture, policy: Policy) -> int | None:
     if arch.vision is None or arch.llm is None:
         return None
     tower = arch.vision
-    per_view = policy.handed_on(tower.num_patches, tower.num_prefix_tokens, arch.drop_prefix)
+    per_view = policy.handed_on(tower.num_patches, tower.num_prefix_tokens, arch.drop_prefix, anyres=arch.views > 1)
     return None if per_view is None else arch.views * per_view
 
 
@@ -838,8 +838,9 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
 
 
 def _trace_visual_tokens(trace: Trace, arch: Architecture) -> int | None:
-    """Visual tokens a VLM's trace says were handed to the language model: one row of ``trace.positions``
-    per image (``arch.views`` images per sample)."""
+    """Visual tokens a VLM's trace says were handed to the language model (the first image's)."""
+    if trace.visual_tokens:
+        return trace.visual_tokens[0]
     if not trace.positions:
         return None
     return arch.views * len(trace.positions[0])
@@ -949,7 +950,9 @@ def estimate(config: Any, *, schedule: Any = None, policy: Any = None, conventio
         elif visual_tokens is not None and visual_tokens != sched["llm"][0][0]:
             raise ValueError(f"visual_tokens={visual_tokens} contradicts the language-model schedule, whose first "
                              f"layer sees {sched['llm'][0][0]} visual tokens; give one or the other")
-        if handed_on is not None or tower is None:
+        if handed_on is not None and isinstance(schedule, Trace) and schedule.positions:
+            projector_tokens = arch.views * len(schedule.positions[0])  # per crop, before any packing
+        elif tower is None:
             projector_tokens = sched["llm"][0][0]
         else:
             projector_tokens = arch.views * arch.visual_tokens_per_view(sched.get("vision"))

@@ -55,11 +55,12 @@ class Policy:
             "cost it from the trace of a real forward: vtprune.flops.estimate(config, schedule=handle.trace, "
             "policy=policy)")
 
-    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool) -> int | None:
+    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool, anyres: bool = False) -> int | None:
         """Visual tokens of one image a VLM's language model receives, when the policy fixes that count
         regardless of the input (FlowCut's ``keep``, VisionZip's ``dominant + contextual``, ...):
         ``num_patches`` patch tokens and ``num_prefix`` prefix tokens leave the encoder unpruned, and the
-        host drops the prefix if ``drop_prefix``. ``None`` (the default): not fixed; cost from a trace."""
+        host drops the prefix if ``drop_prefix``; ``anyres``: per crop of a LLaVA-NeXT image. ``None`` (the
+        default): not fixed; cost from a trace."""
         return None
 
     def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int]) -> int:

@@ -38,6 +38,7 @@ class TokenState:
     memory: dict[str, dict] = field(default_factory=dict)  # per-site policy memory (LayerView.memory)
     scratch: dict[str, Any] = field(default_factory=dict)  # adapter-private values of this call
     positions: torch.Tensor | None = None  # [B, n] original positions of the tokens handed on (VLMs)
+    visual_tokens: tuple[int, ...] | None = None  # per image, the visual tokens the language model receives
 
     def start(self, hidden: torch.Tensor) -> None:
         """Initialise from the first sequence a reduction site sees (idempotent)."""
@@ -67,12 +68,13 @@ class TokenState:
     def trace(self) -> Trace:
         positions = None if self.positions is None else tuple(tuple(row) for row in self.positions.tolist())
         return Trace(batch_size=self.batch_size,
-                     sites={site: tuple(layers) for site, layers in self.records.items()}, positions=positions)
+                     sites={site: tuple(layers) for site, layers in self.records.items()}, positions=positions,
+                     visual_tokens=self.visual_tokens)
 
     def adopt(self, other: "TokenState") -> None:
         """Take over the token bookkeeping of an earlier call (a VLM's image encoding run by ``generate``
         before the prefill forward), so that the prefill's trace shows it."""
-        for name in ("size", "assignment", "num_original", "batch_size", "positions"):
+        for name in ("size", "assignment", "num_original", "batch_size", "positions", "visual_tokens"):
             setattr(self, name, getattr(other, name))
         self.records = {site: list(layers) for site, layers in other.records.items()}
 

@@ -29,12 +29,15 @@ class Trace:
     ``positions`` (vision-language models): for each image, the original raster position in the patch
     grid of every visual token handed to the language model, in the order they are handed on (for a
     merged token, its smallest original position; a protected prefix token such as CLS is position
-    ``-1``); ``None`` for vision-only models.
+    ``-1``); ``None`` for vision-only models. On LLaVA-NeXT one row per crop (each image's base crop
+    first, then its tiles). ``visual_tokens``: per image, the visual tokens the language model received
+    (on LLaVA-NeXT after packing the crops).
     """
 
     batch_size: int
     sites: dict[str, tuple[LayerTokens, ...]] = field(default_factory=dict)
     positions: tuple[tuple[int, ...], ...] | None = None
+    visual_tokens: tuple[int, ...] | None = None
 
     def layers(self, site: str = "vision") -> tuple[LayerTokens, ...]:
         if site not in self.sites:
@@ -58,6 +61,8 @@ class Trace:
                                          for site, layers in self.sites.items()}}
         if self.positions is not None:
             out["positions"] = [list(row) for row in self.positions]
+        if self.visual_tokens is not None:
+            out["visual_tokens"] = list(self.visual_tokens)
         return out
 
     def __str__(self) -> str:

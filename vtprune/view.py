@@ -32,7 +32,8 @@ class LayerView:
     ``memory`` is a dict private to this policy for the duration of one call (one forward), for
     policies that carry scores from layer to layer (FlowCut's cumulative importance). ``grid`` is the
     ``(rows, cols)`` patch grid when the non-prefix tokens are still the full, unreduced grid in raster
-    order (projector site), else ``None``.
+    order (projector site), else ``None``. ``anyres``: every sequence of the batch is one crop of an
+    image encoded crop by crop (LLaVA-NeXT); budgets then apply per crop.
     """
 
     site: str
@@ -46,6 +47,7 @@ class LayerView:
     _cache: dict = field(default_factory=dict, repr=False)
     memory: dict = field(default_factory=dict, repr=False)
     grid: tuple[int, int] | None = None
+    anyres: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -40,7 +40,7 @@ class RandomKeep(Policy):
         check_int("keep", self.keep, minimum=1, policy="randomkeep")
         check_int("seed", self.seed, minimum=0, policy="randomkeep")
 
-    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool) -> int:
+    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool, anyres: bool = False) -> int:
         return min(self.keep, num_patches) + (0 if drop_prefix else num_prefix)
 
     def positions(self, num_patches: int) -> torch.Tensor:
@@ -99,7 +99,7 @@ class Pool2d(Policy):
             raise ValueError(f"pool2d: keep must be a square number (the pooled grid is sqrt(keep) x sqrt(keep)), "
                              f"got {self.keep}")
 
-    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool) -> int:
+    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool, anyres: bool = False) -> int:
         return min(self.keep, num_patches) + (0 if drop_prefix else num_prefix)
 
     def reduce(self, view: LayerView) -> MergePlan | None:

@@ -93,14 +93,20 @@ class FlowCut(Policy):
         object.__setattr__(self, "history",
                            check_float("history", self.history, low=0.0, high=1.0, high_open=True, policy="flowcut"))
 
-    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool) -> int:
-        """``keep`` patches (the prefix is kept inside the tower and dropped by the host if it drops it)."""
-        return min(self.keep, num_patches) + (0 if drop_prefix else num_prefix)
+    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool, anyres: bool = False) -> int:
+        """:meth:`target` patches (the prefix is kept inside the tower and dropped by the host if it drops it)."""
+        return min(self.target(anyres), num_patches) + (0 if drop_prefix else num_prefix)
+
+    def target(self, anyres: bool) -> int:
+        """Patches kept per sequence: ``keep``, or ``keep // 2`` per crop of an anyres image (LLaVA-NeXT; the
+        official stage-1 budget ``int(T / 2)``)."""
+        return max(self.keep // 2, 1) if anyres else self.keep
 
     def reduce(self, view: LayerView) -> MergePlan | None:
         patches = view.num_tokens - view.num_protected
         remaining = view.num_layers - 2 - view.layer
-        if patches <= self.keep or remaining < 0:
+        target = self.target(view.anyres)
+        if patches <= target or remaining < 0:
             return None
         if view.num_layers < 2:
             raise ValueError(f"flowcut needs at least 2 layers to act over, got {view.num_layers}")
@@ -111,8 +117,8 @@ class FlowCut(Policy):
         view.memory["score"] = cumulative
         if remaining % self.interval:
             return None
-        drop = adaptive_prune_count(attention, remaining, self.keep) if remaining else patches
-        kept = max(patches - drop, self.keep)
+        drop = adaptive_prune_count(attention, remaining, target) if remaining else patches
+        kept = max(patches - drop, target)
         if kept >= patches:
             return None
         order = cumulative.topk(kept, dim=-1).indices.sort(dim=-1).values

@@ -108,7 +108,7 @@ class VisionZip(Policy):
         object.__setattr__(self, "contextual", contextual)
         object.__setattr__(self, "keep", dominant + contextual)
 
-    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool) -> int:
+    def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool, anyres: bool = False) -> int:
         """``dominant + contextual`` (CLS, when there is one, among the dominant tokens)."""
         return self.dominant + self.contextual
 
