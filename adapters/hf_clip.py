@@ -177,16 +177,18 @@ def attention_signal(name: str, taken: dict[str, torch.Tensor], attn: nn.Module)
 def encoder_layer_forward(layer: nn.Module, index: int, runtime: Runtime, *, policy: Policy | None, num_layers: int,
                           roles: tuple[str, ...], taps: AttentionTaps | None,
                           on_output: Callable[[TokenState, torch.Tensor, dict], None] | None = None,
-                          anyres: bool = False):
-    """A CLIP/SigLIP encoder layer's forward with a reduction point between attention and MLP.
+                          anyres: bool = False, last_layer: int | None = None):
+    """A CLIP/SigLIP encoder layer's forward with a reduction point between attention and MLP (or after the
+    MLP for a policy whose ``reduction_placement()`` is ``"post"``).
 
-    ``policy`` (``None``: no reduction in this layer) is asked with ``num_layers`` as the depth it acts
-    over. ``taps`` captures the projections the signals need; ``on_output(state, output, taken)`` sees
+    ``policy`` (``None``: no reduction in this layer) is asked with ``num_layers`` (the tower's depth) and
+    ``last_layer`` (the last layer whose output is used, LLaVA's feature layer; default the last). ``taps`` captures the projections the signals need; ``on_output(state, output, taken)`` sees
     the layer's output and captured projections (LLaVA's feature layer). ``anyres``: the sequences are
     crops of LLaVA-NeXT images (:attr:`~vtprune.view.LayerView.anyres`).
     """
     original = layer.forward
     proportional = policy is not None and policy.proportional_attention()
+    post = policy is not None and policy.reduction_placement() == "post"
 
     def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
@@ -202,10 +204,17 @@ def encoder_layer_forward(layer: nn.Module, index: int, runtime: Runtime, *, pol
         attended, _ = layer.self_attn(hidden_states=layer.layer_norm1(x), attention_mask=mask, **kwargs)
         taken = taps.take() if taps is not None else {}
         x = x + attended
-        if policy is not None:
-            x = reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
-                          provide=lambda name: attention_signal(name, taken, layer.self_attn), anyres=anyres)
+
+        def reduce(x: torch.Tensor, where: str) -> torch.Tensor:
+            return reduce_at(policy, state, x, site="vision", layer=index, num_layers=num_layers, roles=roles,
+                             provide=lambda name: attention_signal(name, taken, layer.self_attn), anyres=anyres,
+                             last_layer=last_layer, where=where)
+
+        if policy is not None and not post:
+            x = reduce(x, "mid")
         x = x + layer.mlp(layer.layer_norm2(x))
+        if policy is not None and post:
+            x = reduce(x, "post")
         if on_output is not None:
             on_output(state, x, taken)
         return x

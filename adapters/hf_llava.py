@@ -7,8 +7,9 @@ Found structurally per instance: ``model.model`` has ``vision_tower`` (a CLIP/Si
 Sites:
 
 - ``vision``: inside the vision tower's encoder layers up to LLaVA's feature layer
-  (``config.vision_feature_layer``, -2: layers 0..22 of 24), between attention and MLP; the policy acts
-  over that depth, so FlowCut's final cut lands before the feature layer. Layers after it run unchanged.
+  (``config.vision_feature_layer``, -2: layers 0..22 of 24), between attention and MLP (or after the
+  MLP for a ``"post"`` policy); the policy sees the tower's depth as ``num_layers`` and the feature layer
+  as ``last_layer``, so FlowCut's final cut lands before the feature layer. Layers after it run unchanged.
 - ``projector``: on the feature layer's tokens (CLS included as protected prefix) just before the
   projector, with the feature layer's q/k/v as signals. LLaVA's ``"default"`` strategy drops CLS there;
   a policy with ``hands_on_prefix`` (VisionZip) hands it on, as its official code does.
@@ -131,8 +132,9 @@ class HFLlavaAdapter:
                 if taps is not None:
                     taps.install(patch, runtime)
                 patch.override(layer, "forward", encoder_layer_forward(
-                    layer, index, runtime, policy=vision, num_layers=depth, roles=roles, taps=taps,
-                    on_output=_remember_feature_layer(layer) if feature_layer else None, anyres=_is_anyres(inner)))
+                    layer, index, runtime, policy=vision, num_layers=len(layers), roles=roles, taps=taps,
+                    on_output=_remember_feature_layer(layer) if feature_layer else None, anyres=_is_anyres(inner),
+                    last_layer=depth - 1))
             patch.override(inner.multi_modal_projector, "forward", _projector_forward(
                 inner.multi_modal_projector, runtime, vision=vision, policy=projector, roles=roles, grid=grid,
                 anyres=_is_anyres(inner)))

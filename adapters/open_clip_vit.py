@@ -31,7 +31,7 @@ from vtprune.state import Runtime
 
 from .base import Inspection
 from .patching import Patch
-from .reduction_point import log_size_bias, reduce_at, refuse_gradient_checkpointing
+from .reduction_point import log_size_bias, reduce_at, refuse_gradient_checkpointing, refuse_placement
 
 _BLOCK_PARTS = ("ln_1", "attn", "attention", "ls_1", "ln_2", "mlp", "ls_2")
 
@@ -98,6 +98,7 @@ class OpenClipViTAdapter:
 
     def patch(self, model: nn.Module, runtime: Runtime) -> Patch:
         self._check(model)
+        refuse_placement(runtime.policies["vision"], self.name)
         roles = prefix_roles(model)
         blocks = model.transformer.resblocks
         patch = Patch()

@@ -26,16 +26,17 @@ def log_size_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
 
 def reduce_at(policy: Policy, state: TokenState, hidden: torch.Tensor, *, site: str, layer: int, num_layers: int,
               roles: tuple[str, ...], provide: Callable[[str], Any], grid: tuple[int, int] | None = None,
-              where: str = "mid", anyres: bool = False) -> torch.Tensor:
+              where: str = "mid", anyres: bool = False, last_layer: int | None = None) -> torch.Tensor:
     """Ask ``policy`` for a plan at this point, apply it to ``hidden`` and the state, and record the layer
     in the trace. ``where="mid"``: between attention and MLP (attention saw the tokens entering, the rest
-    of the layer the tokens left); ``"pre"``: before a module (the projector) that sees only the tokens left.
+    of the layer the tokens left); ``"post"``: after the whole layer; ``"pre"``: before a module (the
+    projector) that sees only the tokens left.
 
     The first ``len(roles)`` tokens are the protected prefix. Returns the reduced ``hidden``.
     """
     view = LayerView(site=site, layer=layer, num_layers=num_layers, hidden=hidden, num_protected=len(roles),
                      prefix_roles=roles, size=state.size, _provider=provide, memory=state.memory.setdefault(site, {}),
-                     grid=grid, anyres=anyres)
+                     grid=grid, anyres=anyres, last_layer=last_layer)
     plan = policy.reduce(view)
     reduced = state.apply(hidden, plan)
     if plan is not None and reduced.shape[1] < len(roles):
@@ -93,3 +94,11 @@ def refuse_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
                     "or run in eval mode / no_grad")
 
     return check
+
+
+def refuse_placement(policy: Policy | None, adapter: str, offered: tuple[str, ...] = ("mid",)) -> None:
+    """Raise a clear error at ``apply`` for a policy whose reduction placement the adapter does not offer."""
+    if policy is not None and policy.reduction_placement() not in offered:
+        raise ValueError(f"policy {policy} reduces at placement {policy.reduction_placement()!r}, but adapter "
+                         f"{adapter!r} offers {', '.join(map(repr, offered))} (placement 'post' needs the hf-clip-vision "
+                         "or hf-llava adapter)")

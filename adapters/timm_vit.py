@@ -25,7 +25,8 @@ from vtprune.state import Runtime
 
 from .base import Inspection
 from .patching import Patch
-from .reduction_point import CapturedOutput, log_size_bias, reduce_at, refuse_gradient_checkpointing
+from .reduction_point import (CapturedOutput, log_size_bias, reduce_at, refuse_gradient_checkpointing,
+                              refuse_placement)
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "k_norm", "num_heads")
@@ -99,6 +100,7 @@ class TimmViTAdapter:
     def patch(self, model: nn.Module, runtime: Runtime) -> Patch:
         self._check(model)
         policy = runtime.policies["vision"]
+        refuse_placement(policy, self.name)
         roles = prefix_roles(model)
         patch = Patch()
         try:

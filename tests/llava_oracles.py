@@ -107,3 +107,32 @@ def visionzip_encode(tower: nn.Module, pixel_values: torch.Tensor, dominant: int
     aggregated = torch.bmm(assign.transpose(1, 2), hidden_filtered[:, others, :]) / counts
     contextual_tokens = hidden_filtered[:, target_indices, :] + aggregated
     return torch.cat([dominant_tokens, contextual_tokens], dim=1), top.sort(dim=1).values - 1
+
+
+def pitome_clip_hf_encode(tower: nn.Module, pixel_values: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The official PiToMe LLaVA patch (``patch/clip_hf.py``) on a HF CLIP tower, up to LLaVA's features:
+    after every whole layer, the layer's output is merged with a plain mean (sizes ignored): ToMe's
+    bipartite matching with ``r = floor(N - N*ratio)`` over all ``N`` tokens (CLS included in the count)
+    in layers ``idx <= 12``, pure PiToMe on the patch tokens with margin ``0.9 - 0.9*idx/L`` after.
+    Returns ``hidden_states[-2][:, 1:]`` as the patch records them (the input of the last layer), in the
+    patch's token order, and each token's smallest original patch position."""
+    from oracles import _combine, _pitome_destinations, _tome_destinations
+
+    layers = tower.encoder.layers
+    x = tower.pre_layrnorm(tower.embeddings(pixel_values))
+    assignment = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+    recorded = []
+    for idx, layer in enumerate(layers):
+        recorded.append((x, assignment))
+        x, *_ = _layer(layer, x)
+        if idx <= 12:
+            plan = _tome_destinations(x, math.floor(x.shape[1] - x.shape[1] * ratio), True, False)
+        else:
+            plan = _pitome_destinations(x, ratio, 0.9 - 0.9 * idx / len(layers), bsm=False)
+        if plan is not None:
+            x, _ = _combine(x, torch.ones(x.shape[:2], dtype=x.dtype), *plan)
+            assignment = plan[0].gather(1, assignment)
+    features, assignment = recorded[-1]
+    smallest = torch.full(features.shape[:2], assignment.shape[1], dtype=torch.long)
+    smallest = smallest.scatter_reduce(1, assignment, torch.arange(assignment.shape[1]).expand_as(assignment), "amin")
+    return features[:, 1:], smallest[:, 1:] - 1

@@ -7,7 +7,7 @@ import torch
 
 import vtprune
 from conftest import build_tiny_llava, check_already_patched_rules
-from llava_oracles import flowcut_encode, visionzip_encode
+from llava_oracles import flowcut_encode, pitome_clip_hf_encode, visionzip_encode
 
 IMAGE = 127
 
@@ -320,3 +320,33 @@ def test_beam_search_and_several_return_sequences():
                                   **beams)
     assert torch.equal(pruned[:, :ids.shape[1]], ids) and torch.equal(pruned[:, -4:], expected[:, -4:])
     assert sampled.shape == (6, ids.shape[1] + 3) and torch.equal(sampled[::3, :ids.shape[1]], ids)
+
+
+# --- PiToMe's official LLaVA preset ---------------------------------------------------------------------
+
+def test_pitome_clip_hf_matches_the_official_llava_patch(llava336):
+    pixels = images(2, 336, seed=11, dtype=torch.float64)
+    tower, projector = llava336.model.vision_tower, llava336.model.multi_modal_projector
+    policy = vtprune.PiToMe.preset("clip_hf", ratio=0.9)
+    with torch.no_grad():
+        expected, positions = pitome_clip_hf_encode(tower, pixels, 0.9)
+        with vtprune.applied(llava336, policy) as handle:
+            features = torch.stack(llava336.model.get_image_features(pixel_values=pixels).pooler_output)
+    assert features.shape[1] == expected.shape[1] == 54
+    assert all(layer.reduced == "post" for layer in handle.trace.layers("vision"))
+    # the official patch hands tokens on in its merge order; vtprune in raster order of their first patch
+    order = positions.argsort(dim=1)
+    assert torch.equal(torch.tensor(handle.trace.positions), positions.gather(1, order))
+    expected = expected.gather(1, order.unsqueeze(-1).expand_as(expected))
+    torch.testing.assert_close(features, projector(expected), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("ratio,tokens", [(0.85, 17), (0.875, 30), (0.9, 54), (0.925, 101), (0.95, 183),
+                                          (0.975, 330)])
+def test_pitome_clip_hf_hands_the_documented_token_counts_to_the_llm(llava336, ratio, tokens):
+    """merging.md 3.3: the visual tokens reaching the LLM at each ratio of the official VQA sweep."""
+    policy = vtprune.PiToMe.preset("clip_hf", ratio=ratio)
+    assert policy.token_schedule(577, 24, 1)[23][0] - 1 == tokens
+    with torch.no_grad(), vtprune.applied(llava336, policy) as handle:
+        llava336.model.get_image_features(pixel_values=images(1, 336, dtype=torch.float64))
+    assert handle.trace.visual_tokens == (tokens,)

@@ -113,5 +113,11 @@ def test_pitome_presets_follow_the_official_patches():
     assert PiToMe.preset("blip").margin(6, 12) == 0.9 - 0.9 * 0.5
     blip2 = PiToMe.preset("blip2")
     assert (blip2.margin(39, 40), blip2.prop_attn) == (0.75 - 0.4 * 39 / 40, True)
-    with pytest.raises(ValueError, match="unknown preset 'clip_hf'.*deit, mae, clip, blip, blip2"):
-        PiToMe.preset("clip_hf")
+    clip_hf = PiToMe.preset("clip_hf", ratio=0.9)
+    assert (clip_hf.metric, clip_hf.bsm_layers, clip_hf.bsm, clip_hf.placement, clip_hf.merge) == (
+        "hidden", 13, "tome", "post", "mean")
+    assert clip_hf.margin(12, 24) == 0.9 - 0.9 * 12 / 24
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*deit, mae, clip, blip, blip2, clip_hf"):
+        PiToMe.preset("nope")
+    with pytest.raises(ValueError, match="placement must be one of 'mid', 'post'"):
+        PiToMe(placement="after")

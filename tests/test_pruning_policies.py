@@ -103,3 +103,17 @@ def test_flowcut_on_a_stand_alone_tower_cuts_before_the_last_layer(kind):
     assert all(state.shape[1] == 576 + prefix for state in out.hidden_states)  # unmerged to every token
     pruned_at = {layer.layer for layer in layers if layer.tokens_out < layer.tokens_in}
     assert pruned_at <= set(range(0, 23, 2)) and 22 in pruned_at
+
+
+def test_post_placement_is_refused_where_the_adapter_has_no_post_point_and_runs_on_hf_towers():
+    policy = vtprune.PiToMe.preset("clip_hf", ratio=0.9)
+    with pytest.raises(ValueError, match="placement 'post', but adapter 'timm-vit' offers 'mid'"):
+        vtprune.apply(small_vit(), policy)
+    model = clip_tower("clip")
+    pixels = torch.randn(1, 3, 336, 336, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vtprune.applied(model, policy) as handle:
+        out = model(pixel_values=pixels, output_hidden_states=True)
+    assert handle.trace.tokens_in()[1:] == handle.trace.tokens()[:-1]  # each layer runs on what the last left
+    assert out.last_hidden_state.shape[1] == policy.token_schedule(577, 24, 1)[-1][0] - math.floor(
+        (policy.token_schedule(577, 24, 1)[-1][0] - 1) * 0.1)
+    assert all(state.shape[1] == 577 for state in out.hidden_states)

@@ -711,17 +711,17 @@ def trace_schedule(trace: Trace, site: str = "vision") -> list[tuple[int, int]]:
     """``(attention_tokens, mlp_tokens)`` per layer from a recorded :class:`vtprune.Trace`.
 
     A layer that merged between attention and MLP (``reduced="mid"``) gives ``(tokens_in, tokens_out)``;
-    a layer that reduced nothing gives ``(tokens_in, tokens_in)``. Samples of a batch run at the same
+    a layer that reduced nothing, or only after its MLP (``"post"``), gives ``(tokens_in, tokens_in)``. Samples of a batch run at the same
     (padded) count, which is what is costed.
     """
     pairs = []
     for layer in trace.layers(site):
         if layer.reduced == "mid":
             pairs.append((layer.tokens_in, layer.tokens_out))
-        elif layer.reduced == "none" and layer.tokens_in == layer.tokens_out:
+        elif layer.reduced == "post" or (layer.reduced == "none" and layer.tokens_in == layer.tokens_out):
             pairs.append((layer.tokens_in, layer.tokens_in))
         else:
-            raise ValueError(f"vtprune.flops knows reductions 'mid' (between attention and MLP) and 'none'; "
+            raise ValueError(f"vtprune.flops knows reductions 'mid' (between attention and MLP), 'post' and 'none'; "
                              f"{site} layer {layer.layer} has reduced={layer.reduced!r} "
                              f"({layer.tokens_in}->{layer.tokens_out})")
     return pairs

@@ -40,6 +40,11 @@ class Policy:
         """Whether attention should see ``log(size)`` added to the key logits (ToMe's prop-attn)."""
         return False
 
+    def reduction_placement(self) -> str:
+        """Where in a layer the policy reduces: ``"mid"`` (between attention and MLP, the default) or
+        ``"post"`` (after the MLP, between layers). Adapters refuse a placement they do not offer."""
+        return "mid"
+
     # --- cost accounting (used by vtprune.flops; no model is run) --------------------------------
     def token_schedule(self, num_tokens: int, num_layers: int,
                        num_protected: int = 0) -> list[tuple[int, int]]:

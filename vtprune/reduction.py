@@ -67,6 +67,18 @@ def merge_weighted(x: torch.Tensor, size: torch.Tensor, plan: MergePlan) -> tupl
     return out.view(batch, num_out, channels), size_out.view(batch, num_out, 1)
 
 
+def with_mean_weights(plan: MergePlan, num_in: int, dtype: torch.dtype = torch.float32) -> MergePlan:
+    """``plan`` with explicit weights that make every output the plain (unweighted) mean of its group,
+    whatever the tokens' sizes (the official PiToMe LLaVA patch's ``merge_mean``)."""
+    batch = plan.keep.shape[0]
+    count = torch.ones(batch, plan.num_out, dtype=dtype, device=plan.keep.device)
+    if plan.src.shape[1]:
+        count = count.scatter_add(1, plan.dst, torch.ones(plan.dst.shape, dtype=dtype, device=plan.keep.device))
+    slot = output_slot_of_input(plan, num_in)
+    weights = (1.0 / count).gather(1, slot.clamp(min=0))
+    return MergePlan(keep=plan.keep, src=plan.src, dst=plan.dst, weights=weights)
+
+
 def _row_offsets(batch: int, length: int, like: torch.Tensor) -> torch.Tensor:
     return (torch.arange(batch, device=like.device) * length).unsqueeze(1)
 

@@ -1,7 +1,7 @@
 """Per-layer schedules as pure functions."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def tome_schedule(num_layers: int, r: int, inflect: float = 0.0,
@@ -31,13 +31,16 @@ def pitome_margin(layer: int, num_layers: int, start: float, slope: float) -> fl
     return start - slope * (layer / num_layers)
 
 
-def pitome_uses_bsm(layer: int, num_layers: int, bsm_layers: str) -> bool:
-    """Whether layer ``layer`` runs BSM-PiToMe (else pure PiToMe), per the variant map ``bsm_layers``.
+def pitome_uses_bsm(layer: int, num_layers: int, bsm_layers: str | int) -> bool:
+    """Whether layer ``layer`` runs a bipartite (BSM) layer (else pure PiToMe), per ``bsm_layers``.
 
     ``"first_half"`` (official DeiT patch): BSM in layers ``l < ceil(L/2)``, pure after;
     ``"second_half"`` (official MAE patch): pure in layers ``l < ceil(L/2)``, BSM after;
-    ``"all"``: BSM everywhere; ``"none"``: pure everywhere.
+    ``"all"``: BSM everywhere; ``"none"``: pure everywhere; an int ``k``: BSM in layers ``l < k``
+    (official LLaVA ``clip_hf`` patch: 13, i.e. ``idx <= 12``).
     """
+    if isinstance(bsm_layers, int):
+        return layer < bsm_layers
     half = -(-num_layers // 2)
     if bsm_layers == "first_half":
         return layer < half
@@ -69,22 +72,26 @@ def tome_token_schedule(num_tokens: int, merges: Sequence[int], num_protected: i
     return pairs
 
 
-def pitome_token_schedule(num_tokens: int, num_layers: int, ratio: float,
-                          num_protected: int = 0) -> list[tuple[int, int]]:
+def pitome_token_schedule(num_tokens: int, num_layers: int, ratio: float, num_protected: int = 0, *,
+                          counts_all: Callable[[int], bool] | None = None, post: bool = False) -> list[tuple[int, int]]:
     """Token counts of PiToMe at keep ratio ``ratio`` (merging.md §3.2).
 
     Each layer merges ``floor(T - T * ratio)`` of its ``T`` unprotected tokens (this exact rounding,
     :func:`vtprune.matching.pitome_removed_count`), clamped to ``T // 2`` (vtprune's fix of the official
     code's crash below ratio 0.5), between attention and MLP. DeiT (197 tokens, 12 layers) at 0.9:
-    197 -> 177 -> ... -> 60.
+    197 -> 177 -> ... -> 60. Layers where ``counts_all(layer)`` instead merge ``floor(N - N * ratio)`` of
+    all ``N`` tokens, protected ones included in the count (the official LLaVA ``clip_hf`` patch's plain
+    bipartite layers); ``post``: the merge comes after the MLP, so a layer's attention and MLP both see
+    the tokens entering it.
     """
     from .matching import pitome_removed_count
 
     pairs = []
-    for _ in range(num_layers):
+    for layer in range(num_layers):
         unprotected = num_tokens - num_protected
-        merged = max(0, min(pitome_removed_count(unprotected, ratio), unprotected // 2))
-        pairs.append((num_tokens, num_tokens - merged))
+        counted = num_tokens if counts_all is not None and counts_all(layer) else unprotected
+        merged = max(0, min(pitome_removed_count(counted, ratio), unprotected // 2))
+        pairs.append((num_tokens, num_tokens if post else num_tokens - merged))
         num_tokens -= merged
     return pairs
 

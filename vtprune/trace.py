@@ -10,7 +10,8 @@ class LayerTokens:
     """Token counts of one layer. ``tokens_in`` enter the layer; ``tokens_out`` leave it.
 
     ``reduced``: where the reduction happened inside the layer (``"mid"`` = between attention and
-    MLP, so attention ran on ``tokens_in`` and the MLP on ``tokens_out``; ``"pre"`` = before the module,
+    MLP, so attention ran on ``tokens_in`` and the MLP on ``tokens_out``; ``"post"`` = after the MLP, so
+    the whole layer ran on ``tokens_in``; ``"pre"`` = before the module,
     which ran on ``tokens_out`` only (the projector site); ``"none"`` = no reduction).
     ``per_sample_out`` is set only when samples of the batch differ.
     """

@@ -33,7 +33,9 @@ class LayerView:
     policies that carry scores from layer to layer (FlowCut's cumulative importance). ``grid`` is the
     ``(rows, cols)`` patch grid when the non-prefix tokens are still the full, unreduced grid in raster
     order (projector site), else ``None``. ``anyres``: every sequence of the batch is one crop of an
-    image encoded crop by crop (LLaVA-NeXT); budgets then apply per crop.
+    image encoded crop by crop (LLaVA-NeXT); budgets then apply per crop. ``last_layer``: the last layer
+    whose output is used (LLaVA's feature layer, 22 of 0..23), when it is not the last one
+    (:attr:`final_layer`).
     """
 
     site: str
@@ -48,10 +50,16 @@ class LayerView:
     memory: dict = field(default_factory=dict, repr=False)
     grid: tuple[int, int] | None = None
     anyres: bool = False
+    last_layer: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.hidden.shape[1]
+
+    @property
+    def final_layer(self) -> int:
+        """The last layer whose output is used: ``last_layer``, else ``num_layers - 1``."""
+        return self.last_layer if self.last_layer is not None else self.num_layers - 1
 
     @property
     def has_class_token(self) -> bool:

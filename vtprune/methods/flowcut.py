@@ -64,8 +64,9 @@ class FlowCut(Policy):
     """Prune patch tokens inside the vision encoder by cumulative information-flow importance.
 
     At every layer while more than ``keep`` patches remain: ``S_cum <- history · S_cum + (1 - history) · S``
-    with ``S`` from :func:`relay_scores` (the first layer starts ``S_cum = S``). With ``L`` the depth the
-    policy acts over (for LLaVA the layers up to its feature layer) and ``L_rem = L - 2 - layer``: when
+    with ``S`` from :func:`relay_scores` (the first layer starts ``S_cum = S``). With ``F`` the last layer
+    whose output is used (``LayerView.final_layer``: LLaVA's feature layer, else the last layer) and
+    ``L_rem = F - 1 - layer``: when
     ``L_rem`` is a multiple of ``interval`` it keeps the ``max(N - P, keep)`` patches of highest ``S_cum``
     (``P`` from :func:`adaptive_prune_count`; at ``L_rem = 0`` exactly ``keep``), in raster order. On
     LLaVA-1.5 (24 layers, feature layer -2) that is layers 1, 3, ..., 19 and the forced cut at layer 21,
@@ -104,12 +105,10 @@ class FlowCut(Policy):
 
     def reduce(self, view: LayerView) -> MergePlan | None:
         patches = view.num_tokens - view.num_protected
-        remaining = view.num_layers - 2 - view.layer
+        remaining = view.final_layer - 1 - view.layer
         target = self.target(view.anyres)
         if patches <= target or remaining < 0:
             return None
-        if view.num_layers < 2:
-            raise ValueError(f"flowcut needs at least 2 layers to act over, got {view.num_layers}")
         relay = "cls" if view.has_class_token else "mean"
         attention, score = relay_scores(view.qkv, view.num_protected, relay)
         previous = view.memory.get("score")
