@@ -17,7 +17,8 @@ enters as the additive float ``attention_mask`` ``log(size)`` of shape ``[B, 1, 
 
 Outputs: ``last_hidden_state`` is the merged sequence (CLS first for CLIP). CLIP's ``pooler_output``
 (``post_layernorm`` of CLS) is unaffected in kind since CLS is protected. SigLIP's attention-pool
-``head`` sees the merged tokens unweighted by size. With ``output_hidden_states=True`` every hidden state
+``head`` weighs merged tokens by size (``log(size)`` added to its keys, so it pools as over the tokens
+they contain). With ``output_hidden_states=True`` every hidden state
 is unmerged back to the full ``N0`` tokens through the per-layer source map (each original token gets
 the value of the token containing it), so consumers that index hidden states (LLaVA's ``[-2]``) keep
 their token count; attentions (``output_attentions``, eager) stay merged-size.
@@ -36,7 +37,8 @@ from vtprune.view import QKV
 
 from .base import Inspection
 from .patching import Patch
-from .reduction_point import CapturedOutput, log_size_bias, reduce_at, refuse_gradient_checkpointing
+from .reduction_point import (CapturedOutput, log_size_bias, reduce_at, refuse_gradient_checkpointing,
+                              size_aware_mha_pool)
 
 _LAYER_CLASSES = ("CLIPEncoderLayer", "SiglipEncoderLayer")
 _LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
@@ -101,7 +103,7 @@ class HFVisionAdapter:
         layers = self._check(model)
         notes = ["last_hidden_state is the merged sequence; output_hidden_states are unmerged to all tokens"]
         if getattr(model, "head", None) is not None and getattr(model, "use_head", True):
-            notes.append("the attention-pooling head sees merged tokens unweighted by size")
+            notes.append("the attention-pooling head weighs merged tokens by size (log(size) added to its keys)")
         if not _has_cls(model):
             notes.append("no CLS token: every token may be merged")
         return Inspection(
@@ -123,6 +125,10 @@ class HFVisionAdapter:
                     taps.install(patch, runtime)
                 patch.override(layer, "forward", encoder_layer_forward(
                     layer, index, runtime, policy=policy, num_layers=len(layers), roles=roles, taps=taps))
+            head = getattr(model, "head", None)
+            if head is not None and isinstance(getattr(head, "attention", None), nn.MultiheadAttention):
+                patch.override(head, "forward", size_aware_mha_pool(head, head.attention, runtime,
+                                                                    _siglip_head_queries, _siglip_head_output))
             patch.override(model, "forward", runtime.entry(model.forward, record_layers=True,
                                                            before=refuse_gradient_checkpointing(model),
                                                            post=_unmerge_hidden_states(len(layers))))
@@ -220,6 +226,15 @@ def encoder_layer_forward(layer: nn.Module, index: int, runtime: Runtime, *, pol
         return x
 
     return forward
+
+
+def _siglip_head_queries(head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return head.probe.repeat(x.shape[0], 1, 1), x
+
+
+def _siglip_head_output(head: nn.Module, attended: torch.Tensor) -> torch.Tensor:
+    """SiglipMultiheadAttentionPoolingHead's steps after its attention (transformers 5.x)."""
+    return (attended + head.mlp(head.layernorm(attended)))[:, 0]
 
 
 def _unmerge_hidden_states(num_layers: int):

@@ -16,8 +16,8 @@ Entry points: ``forward`` and ``forward_intermediates`` start a fresh per-call s
 wrapped: ``pool_type='avg'`` averages the non-CLS tokens size-weighted, and the patch tokens it returns
 (``output_tokens=True``) are unmerged to the full patch grid through the assignment (each patch position
 gets the value of the merged token containing it). ``forward_intermediates`` returns unmerged intermediates
-(the tower's ``transformer.forward_intermediates`` is wrapped). Attention pooling (``attn_pool``) sees the
-merged tokens unweighted by size.
+(the tower's ``transformer.forward_intermediates`` is wrapped). Attention pooling (``attn_pool``, CoCa)
+weighs merged tokens by size: its keys get ``log(size)``, so it pools as over the tokens they contain.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from vtprune.state import Runtime
 
 from .base import Inspection
 from .patching import Patch
-from .reduction_point import log_size_bias, reduce_at, refuse_gradient_checkpointing, refuse_placement
+from .reduction_point import (log_size_bias, reduce_at, refuse_gradient_checkpointing, refuse_placement,
+                              size_aware_mha_pool)
 
 _BLOCK_PARTS = ("ln_1", "attn", "attention", "ls_1", "ln_2", "mlp", "ls_2")
 
@@ -84,7 +85,7 @@ class OpenClipViTAdapter:
         self._check(model)
         notes = []
         if getattr(model, "attn_pool", None) is not None:
-            notes.append("attention pooling (attn_pool) sees merged tokens unweighted by size")
+            notes.append("attention pooling (attn_pool) weighs merged tokens by size (log(size) added to its keys)")
         elif model.pool_type == "avg":
             notes.append("pool_type='avg' is averaged size-weighted")
         notes.append("output_tokens / forward_intermediates return patch tokens unmerged to the full grid")
@@ -112,10 +113,20 @@ class OpenClipViTAdapter:
             patch.override(model.transformer, "forward_intermediates",
                            _transformer_intermediates(model, runtime))
             patch.override(model, "_global_pool", _global_pool(model, runtime, len(roles)))
+            for name in ("attn_pool", "attn_pool_contrastive"):
+                pooler = getattr(model, name, None)
+                if pooler is not None and isinstance(getattr(pooler, "attn", None), nn.MultiheadAttention):
+                    patch.override(pooler, "forward", size_aware_mha_pool(pooler, pooler.attn, runtime,
+                                                                          _pooler_queries, lambda _, out: out))
         except BaseException:
             patch.undo()
             raise
         return patch
+
+
+def _pooler_queries(pooler: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip ``AttentionalPooler``'s steps before its attention."""
+    return pooler.ln_q(pooler.query).unsqueeze(0).expand(x.shape[0], -1, -1), pooler.ln_k(x)
 
 
 def _batch_first(model: nn.Module) -> bool:

@@ -102,3 +102,35 @@ def refuse_placement(policy: Policy | None, adapter: str, offered: tuple[str, ..
         raise ValueError(f"policy {policy} reduces at placement {policy.reduction_placement()!r}, but adapter "
                          f"{adapter!r} offers {', '.join(map(repr, offered))} (placement 'post' needs the hf-clip-vision "
                          "or hf-llava adapter)")
+
+
+def key_log_sizes(size: torch.Tensor, dtype: torch.dtype, heads: int | None = None) -> torch.Tensor:
+    """``log(size)`` of ``size [B, N, 1]`` as an additive attention mask over the keys: ``[B, 1, 1, N]``
+    for ``scaled_dot_product_attention``, or ``[B * heads, 1, N]`` for ``nn.MultiheadAttention`` with one
+    query (a pooling latent). Attention then counts a merged token as many times as it has patches."""
+    bias = size.log().to(dtype).transpose(1, 2)  # [B, 1, N]
+    if heads is None:
+        return bias.unsqueeze(1)
+    return bias.repeat_interleave(heads, dim=0)
+
+
+def size_aware_mha_pool(pooler: nn.Module, attention: nn.MultiheadAttention, runtime: Runtime,
+                        before: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                        after: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    """A replacement ``forward`` for an attention-pooling module built on a batch-first
+    ``nn.MultiheadAttention`` with learned queries: with merged tokens of known sizes, the keys get
+    ``log(size)`` (proportional attention, Bolya et al. 2023, Eq. 1), so pooling over merged tokens equals
+    pooling over the tokens they contain. ``before(pooler, x)`` gives ``(queries, keys_values)``,
+    ``after(pooler, attended)`` the pooled output (the host's own steps around its attention)."""
+    original = pooler.forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        size = runtime.sizes_for(x) if x.dim() == 3 and not args and not kwargs else None
+        if size is None:
+            return original(x, *args, **kwargs)
+        queries, tokens = before(pooler, x)
+        mask = key_log_sizes(size, tokens.dtype, attention.num_heads).expand(-1, queries.shape[1], -1)
+        attended = attention(queries, tokens, tokens, attn_mask=mask, need_weights=False)[0]
+        return after(pooler, attended)
+
+    return forward

@@ -8,8 +8,8 @@ wrapped per instance), i.e. the keys exactly as attention uses them, after q/k-n
 
 Entry points that start a fresh per-call state: ``forward``, ``forward_features``,
 ``forward_intermediates`` (and ``get_intermediate_layers``, which calls it). ``pool`` is wrapped so
-that ``global_pool='avg'``/``'avgmax'`` average size-weighted, also when ``forward_head`` is called
-after ``forward_features``. ``forward_intermediates`` returns every intermediate unmerged to the full
+that ``global_pool='avg'``/``'avgmax'`` average size-weighted and attention pooling (``'map'``) adds
+``log(size)`` to its keys, also when ``forward_head`` is called after ``forward_features``. ``forward_intermediates`` returns every intermediate unmerged to the full
 patch grid through the source map, so dense consumers keep working.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from vtprune.state import Runtime
 
 from .base import Inspection
 from .patching import Patch
-from .reduction_point import (CapturedOutput, log_size_bias, reduce_at, refuse_gradient_checkpointing,
-                              refuse_placement)
+from .reduction_point import (CapturedOutput, key_log_sizes, log_size_bias, reduce_at,
+                              refuse_gradient_checkpointing, refuse_placement)
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "k_norm", "num_heads")
@@ -88,7 +88,7 @@ class TimmViTAdapter:
         self._check(model)
         notes = []
         if getattr(model, "attn_pool", None) is not None:
-            notes.append("attention pooling ('map') sees merged tokens unweighted by size")
+            notes.append("attention pooling ('map') weighs merged tokens by size (log(size) added to its keys)")
         if model.global_pool in ("avg", "avgmax"):
             notes.append(f"global_pool={model.global_pool!r} is averaged size-weighted")
         return Inspection(
@@ -168,6 +168,12 @@ def _pool(model: nn.Module, runtime: Runtime):
 
     def pool(x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         kind = model.global_pool if pool_type is None else pool_type
+        if getattr(model, "attn_pool", None) is not None and x.dim() == 3:
+            size = runtime.sizes_for(x)
+            if size is None:
+                return original(x, pool_type=pool_type)
+            start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+            return model.attn_pool(x[:, start:], attn_mask=key_log_sizes(size[:, start:], x.dtype))
         if getattr(model, "attn_pool", None) is not None or kind not in ("avg", "avgmax") or x.dim() != 3:
             return original(x, pool_type=pool_type)
         size = runtime.sizes_for(x)

@@ -160,7 +160,7 @@ def test_inspect_and_clip_model_wrapper():
     assert report.sites["vision"] == ("encoder.layers.0", "encoder.layers.1", "encoder.layers.2")
     assert set(report.signals) == {"keys", "qkv", "hidden"}
     siglip = vtprune.inspect(tiny_tower("siglip"))
-    assert siglip.protected == () and any("unweighted" in note for note in siglip.notes)
+    assert siglip.protected == () and any("weighs merged tokens by size" in note for note in siglip.notes)
 
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)

@@ -88,6 +88,19 @@ def test_flowcut_batch_uses_the_batch_maximum_count(llava336):
     assert together == [min(counts) for counts in zip(*alone)]
 
 
+def test_flowcut_batch_of_two_prompts_equals_each_alone(llava336):
+    """Different prompt lengths, left padding; the same image in both rows (FlowCut's count is the batch
+    maximum, so only identical images make a batch-independent schedule)."""
+    pixels = images(1, 336, seed=12, dtype=torch.float64).expand(2, -1, -1, -1)
+    rows = [prompt([1, 2, 3], 576, [4, 5]), prompt([6], 576, [7, 8, 9, 10, 11])]
+    ids, mask = batch(rows)
+    with vtprune.applied(llava336, vtprune.FlowCut(keep=64)):
+        together = greedy(llava336, input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        for i, row in enumerate(rows):
+            alone = greedy(llava336, input_ids=torch.tensor([row]), pixel_values=pixels[i:i + 1])
+            assert torch.equal(together[i, -5:], alone[0, -5:])
+
+
 def test_flowcut_keep_all_is_the_unpatched_model(llava336):
     pixels = images(1, 336, seed=3, dtype=torch.float64)
     ids, mask = batch([prompt([1, 2], 576, [3])])
