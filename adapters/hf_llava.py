@@ -11,7 +11,9 @@ Sites:
   MLP for a ``"post"`` policy); the policy sees the tower's depth as ``num_layers`` and the feature layer
   as ``last_layer``, so FlowCut's final cut lands before the feature layer. Layers after it run unchanged.
 - ``projector``: on the feature layer's tokens (CLS included as protected prefix) just before the
-  projector, with the feature layer's q/k/v as signals. LLaVA's ``"default"`` strategy drops CLS there;
+  projector, with the feature layer's q/k/v as signals (a vision-site policy combined with such a
+  projector policy then stops one layer before the feature layer, so that the feature layer's attention
+  and its output are the same tokens). LLaVA's ``"default"`` strategy drops CLS there;
   a policy with ``hands_on_prefix`` (VisionZip) hands it on, as its official code does.
 
 Tokens reach the projector in raster order (merged tokens by their smallest original position); the
@@ -124,17 +126,21 @@ class HFLlavaAdapter:
         try:
             vision_needs = projections_for(vision.signals) if vision is not None else frozenset()
             projector_needs = projections_for(projector.signals) if projector is not None else frozenset()
+            # A projector policy reading the feature layer's attention needs it to see the tokens that layer
+            # outputs: the vision policy then stops one layer before the feature layer.
+            vision_last = depth - 2 if projector_needs else depth - 1
             for index in range(depth):
                 layer = layers[index]
                 feature_layer = index == depth - 1
-                needs = vision_needs | (projector_needs if feature_layer else frozenset())
+                reduces = vision is not None and index <= vision_last
+                needs = (vision_needs if reduces else frozenset()) | (projector_needs if feature_layer else frozenset())
                 taps = AttentionTaps(layer.self_attn, needs) if needs else None
                 if taps is not None:
                     taps.install(patch, runtime)
                 patch.override(layer, "forward", encoder_layer_forward(
-                    layer, index, runtime, policy=vision, num_layers=len(layers), roles=roles, taps=taps,
-                    on_output=_remember_feature_layer(layer) if feature_layer else None, anyres=_is_anyres(inner),
-                    last_layer=depth - 1))
+                    layer, index, runtime, policy=vision if reduces else None, num_layers=len(layers), roles=roles,
+                    taps=taps, on_output=_remember_feature_layer(layer) if feature_layer else None,
+                    anyres=_is_anyres(inner), last_layer=vision_last))
             patch.override(inner.multi_modal_projector, "forward", _projector_forward(
                 inner.multi_modal_projector, runtime, vision=vision, policy=projector, roles=roles, grid=grid,
                 anyres=_is_anyres(inner)))

@@ -220,7 +220,7 @@ def test_keep_all_generation_is_identical_in_every_dtype_and_backend(attn, dtype
 
 
 def test_remove_restores_the_model_exactly():
-    model = build_tiny_llava()
+    model = build_tiny_llava(vision_layers=3)
     pristine = copy.deepcopy(model)
     ids, mask = batch([prompt([1], 16, [2, 3])])
     pixels = images(1, seed=7)

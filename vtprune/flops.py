@@ -284,8 +284,8 @@ def architecture(config: Any) -> Architecture:
     """Turn what :func:`estimate` accepts into an :class:`Architecture`.
 
     ``config``: an :class:`Architecture`; a shipped config name; a timm model name (built with
-    ``pretrained=False`` on the meta device: no weights, no memory); a timm ``VisionTransformer``;
-    a Hugging Face config (``LlavaConfig``, ``LlavaNextConfig``, ``CLIPVisionConfig``,
+    ``pretrained=False`` on the meta device: no weights, no memory); a timm ``VisionTransformer``; an
+    open_clip ``VisionTransformer`` (``clip.visual``); a Hugging Face config (``LlavaConfig``, ``LlavaNextConfig``, ``CLIPVisionConfig``,
     ``SiglipVisionConfig``, a Llama-family text config); or a Hugging Face model (its ``config``).
     """
     if isinstance(config, Architecture):
@@ -299,14 +299,17 @@ def architecture(config: Any) -> Architecture:
     if _is_timm_vit(config):
         return Architecture(name=type(config).__name__, title=f"timm {type(config).__name__} instance",
                             vision=_vision_from_timm(config))
+    if _is_open_clip_vit(config):
+        return Architecture(name=type(config).__name__, title=f"open_clip {type(config).__name__} instance",
+                            vision=_vision_from_open_clip(config))
     hf_config = getattr(config, "config", None)
     if hf_config is not None and hasattr(hf_config, "model_type"):
         return _from_hf_config(hf_config)
     if hasattr(config, "model_type"):
         return _from_hf_config(config)
     raise TypeError(f"cannot read an architecture from {type(config).__name__}; pass a shipped config name "
-                    f"({', '.join(configs())}), a timm model name, a timm VisionTransformer, or a Hugging Face "
-                    "config or model")
+                    f"({', '.join(configs())}), a timm model name, a timm or open_clip VisionTransformer, or a "
+                    "Hugging Face config or model")
 
 
 def _from_timm_name(name: str) -> Architecture:
@@ -373,6 +376,29 @@ def _vision_from_timm(model: Any) -> VisionTower:
     return VisionTower(blocks=blocks, image_size=tuple(model.patch_embed.img_size),
                        patch_size=tuple(conv.kernel_size), in_chans=conv.in_channels,
                        num_prefix_tokens=model.num_prefix_tokens, head=tuple(head), attention_pool=pool)
+
+
+def _is_open_clip_vit(model: Any) -> bool:
+    transformer = getattr(model, "transformer", None)
+    return hasattr(model, "conv1") and hasattr(model, "class_embedding") and hasattr(transformer, "resblocks")
+
+
+def _vision_from_open_clip(model: Any) -> VisionTower:
+    """An open_clip ``VisionTransformer`` (``clip.visual``): patch convolution, CLS, ``ResidualAttentionBlock``
+    layers (``nn.MultiheadAttention``, ``c_fc``/``c_proj`` MLP) and the output projection ``proj``."""
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError("vtprune.flops does not cost open_clip attentional poolers (CoCa); the plain CLS/average "
+                         "towers are supported")
+    blocks = model.transformer.resblocks
+    attn, mlp = blocks[0].attn, blocks[0].mlp
+    width = attn.embed_dim
+    tower = Transformer(num_layers=len(blocks), hidden_size=width, num_heads=attn.num_heads,
+                        intermediate_size=mlp.c_fc.out_features)
+    conv = model.conv1
+    proj = getattr(model, "proj", None)
+    head = ((proj.shape[0], proj.shape[1]),) if proj is not None else ()
+    return VisionTower(blocks=tower, image_size=tuple(model.image_size), patch_size=tuple(conv.kernel_size),
+                       in_chans=conv.in_channels, num_prefix_tokens=1, head=head)
 
 
 _TWO_MATRIX_MLPS = {"gpt2", "gpt_neox", "opt", "phi", "bloom", "falcon", "gptj", "starcoder2"}
@@ -1099,6 +1125,17 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=N
     return 2 * batch * heads * queries * keys * head_dim + 2 * batch * heads * queries * keys * value_dim
 
 
+def _native_mha_flops(query_shape, key_shape, value_shape, embed_dim: int, num_head: int, *args: Any,
+                      out_shape=None, **kwargs: Any) -> int:
+    """FLOPs of ``_native_multi_head_attention`` (``nn.MultiheadAttention``'s inference fast path, which
+    FlopCounterMode's registry lacks in torch <= 2.14): q projection over the queries, k and v over the
+    keys, ``q·kᵀ`` and ``softmax·v``, and the output projection."""
+    batch, queries = query_shape[0], query_shape[-2]
+    keys = key_shape[-2]
+    projections = 2 * batch * (2 * queries + 2 * keys) * embed_dim * embed_dim
+    return projections + 2 * 2 * batch * queries * keys * embed_dim
+
+
 def _first_tensor(value: Any) -> Any:
     import torch
 
@@ -1122,7 +1159,8 @@ def measure(model: Any, inputs: Any, **forward_kwargs: Any) -> Measured:
     divides by it). FlopCounterMode counts matrix products only (linear layers, convolutions, matmuls,
     fused attention) at 2 FLOPs per multiply-accumulate; norms, softmax, activations and other
     element-wise work are not counted. Causal attention is counted in full (it sees shapes, not masks).
-    On CPU, vtprune adds the formula of the fused CPU attention kernel, which torch's registry lacks.
+    vtprune adds the formulas of the fused CPU attention kernel and of ``nn.MultiheadAttention``'s
+    inference fast path (``_native_multi_head_attention``), which torch's registry lacks.
     No autograd graph is built: the model's parameters stop requiring grad during the call (restored
     afterwards).
     """
@@ -1136,6 +1174,9 @@ def measure(model: Any, inputs: Any, **forward_kwargs: Any) -> Measured:
 
     if cpu_sdpa is not None and cpu_sdpa not in flop_registry and cpu_sdpa.default not in flop_registry:
         custom[cpu_sdpa] = _sdpa_cpu_flops
+    native_mha = getattr(aten, "_native_multi_head_attention", None)
+    if native_mha is not None and native_mha not in flop_registry and native_mha.default not in flop_registry:
+        custom[native_mha] = _native_mha_flops
     counter = FlopCounterMode(display=False, custom_mapping=custom)
     # No autograd graph: parameters stop requiring grad for the call. (Not torch.no_grad(): under it,
     # FlopCounterMode's module tracker fails on inputs that are views of parameters, e.g. timm's
