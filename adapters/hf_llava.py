@@ -76,6 +76,22 @@ class ImageTokens:
 TAG = "vtprune_image_tokens"
 
 
+_PARTS = ("vision_tower", "multi_modal_projector", "language_model")
+
+
+def _old_layout(model: nn.Module) -> bool:
+    """transformers < 4.52 kept the parts on the generation model itself (no ``model.model``)."""
+    return _parts(model) is None and all(hasattr(model, name) for name in _PARTS)
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+        return transformers.__version__
+    except ImportError:  # pragma: no cover - the model itself comes from transformers
+        return "unknown"
+
+
 class HFLlavaAdapter:
     name = "hf-llava"
     family = ("transformers LlavaForConditionalGeneration (LLaVA-1.5) and LlavaNextForConditionalGeneration "
@@ -84,10 +100,19 @@ class HFLlavaAdapter:
     signals = ("keys", "qkv", "hidden")
 
     def matches(self, model: nn.Module) -> bool:
-        return _parts(model) is not None
+        return _parts(model) is not None or (_old_layout(model) and hasattr(model, "config"))
 
     def _check(self, model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int]:
+        if _old_layout(model):
+            raise TypeError(f"{type(model).__name__} keeps vision_tower / multi_modal_projector / language_model on "
+                            "itself, the layout of transformers < 4.52; vtprune's LLaVA adapter supports the layout "
+                            f"of transformers 5 (model.model.vision_tower, ...). Installed: transformers "
+                            f"{_transformers_version()}; upgrade with pip install -U 'transformers>=5'")
         inner = _parts(model)
+        if "mm_encoder_outputs" not in inspect.signature(type(inner).forward).parameters:
+            raise TypeError(f"{type(inner).__name__}.forward has no mm_encoder_outputs argument; vtprune's LLaVA "
+                            "adapter needs transformers 5 (generate encodes images before the prefill). Installed: "
+                            f"transformers {_transformers_version()}")
         tower = inner.vision_tower
         if not _is_vision_tower(tower):
             raise ValueError(f"the LLaVA vision tower is a {type(tower).__name__}; vtprune supports CLIP/SigLIP "

@@ -363,3 +363,20 @@ def test_pitome_clip_hf_hands_the_documented_token_counts_to_the_llm(llava336, r
     with torch.no_grad(), vtprune.applied(llava336, policy) as handle:
         llava336.model.get_image_features(pixel_values=images(1, 336, dtype=torch.float64))
     assert handle.trace.visual_tokens == (tokens,)
+
+
+def test_the_attribute_layout_of_older_transformers_is_refused_clearly():
+    """transformers < 4.52 kept the parts on the generation model; a module with that layout (built here
+    from the real parts) is refused with the version it needs."""
+    source = build_tiny_llava()
+
+    class OldLayoutLlava(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = source.config
+            self.vision_tower = source.model.vision_tower
+            self.multi_modal_projector = source.model.multi_modal_projector
+            self.language_model = source.model.language_model
+
+    with pytest.raises(TypeError, match="layout of transformers < 4.52.*transformers>=5"):
+        vtprune.apply(OldLayoutLlava(), vtprune.RandomKeep(keep=4))
