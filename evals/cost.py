@@ -346,17 +346,9 @@ def run(model_name: str = "vit_base_patch16_224", batch_size: int = 32, runs: in
     """
     import timm
 
-    from .bench import DTYPES, machine_info
+    from .bench import DTYPES
 
-    if runs < 1 or warmup < 0 or batch_size < 1:
-        raise ValueError(f"need runs >= 1, warmup >= 0, batch size >= 1; got {runs}, {warmup}, {batch_size}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("vtprune bench: --device cuda but torch.cuda.is_available() is False")
-    progress = (lambda message: print(f"[cost] {message}", file=sys.stderr, flush=True)) if verbose else (
-        lambda message: None)
-    if threads:
-        torch.set_num_threads(threads)
-    load_before = machine_info()["load_average_1_5_15min"]
+    progress, load_before = _start(runs, warmup, batch_size, device, threads, verbose)
     torch.manual_seed(seed)
     kwargs = {"img_size": img_size} if img_size else {}
     model = timm.create_model(model_name, pretrained=False, **kwargs, **model_kwargs).eval()
@@ -365,20 +357,10 @@ def run(model_name: str = "vit_base_patch16_224", batch_size: int = 32, runs: in
     images = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(seed + 1))
     images = images.to(device=device, dtype=DTYPES[dtype])
     rows = measure(model, images, policies, "timm-vit", warmup=warmup, runs=runs, device=device, progress=progress)
-    machine = machine_info()
-    machine["load_average_at_start"] = load_before
-    if device == "cuda":
-        machine["gpu"] = torch.cuda.get_device_name()
-    return {
-        "machine": machine,
-        "config": {"model": model_name, "img_size": [height, width], "batch_size": batch_size, "runs": runs,
-                   "warmup": warmup, "dtype": dtype, "device": device, "policies": list(policies), "seed": seed,
-                   "weights": "random (pretrained=False)", "family": "timm-vit"},
-        "timer": "CUDA events + torch.cuda.synchronize" if device == "cuda" else "time.perf_counter (wall clock)",
-        "memory_method": MEMORY_METHOD["cuda" if device == "cuda" else "cpu"],
-        "flops_per": "sample",
-        "rows": rows,
-    }
+    config = {"model": model_name, "img_size": [height, width], "batch_size": batch_size, "runs": runs,
+              "warmup": warmup, "dtype": dtype, "device": device, "policies": list(policies), "seed": seed,
+              "weights": "random (pretrained=False)", "family": "timm-vit"}
+    return _results(rows, config, device, load_before)
 
 
 #: Random-weight LLaVA-1.5 architectures for the cost report: (vision tower, language model) config kwargs.
@@ -425,18 +407,11 @@ def run_llava(model_name: str = "llava-mid", batch_size: int = 1, prompt_tokens:
               decode_steps: int = 8, verbose: bool = True) -> dict[str, Any]:
     """The cost report of a random-weight LLaVA (:data:`LLAVA_MODELS`) as a JSON-ready dict: the "prefill"
     and "decode per token" phases for a prompt of ``prompt_tokens`` text tokens around one image."""
-    from .bench import DTYPES, machine_info
+    from .bench import DTYPES
 
-    if runs < 1 or warmup < 0 or batch_size < 1 or prompt_tokens < 1:
-        raise ValueError(f"need runs >= 1, warmup >= 0, batch size >= 1, prompt tokens >= 1; got {runs}, {warmup}, "
-                         f"{batch_size}, {prompt_tokens}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("vtprune bench: --device cuda but torch.cuda.is_available() is False")
-    progress = (lambda message: print(f"[cost] {message}", file=sys.stderr, flush=True)) if verbose else (
-        lambda message: None)
-    if threads:
-        torch.set_num_threads(threads)
-    load_before = machine_info()["load_average_1_5_15min"]
+    if prompt_tokens < 1:
+        raise ValueError(f"need prompt tokens >= 1, got {prompt_tokens}")
+    progress, load_before = _start(runs, warmup, batch_size, device, threads, verbose)
     model = build_llava(model_name, DTYPES[dtype], device, seed)
     config = model.config
     image_tokens = config.image_seq_length
@@ -450,16 +425,40 @@ def run_llava(model_name: str = "llava-mid", batch_size: int = 1, prompt_tokens:
     inputs = {"input_ids": input_ids.to(device), "pixel_values": pixels.to(device=device, dtype=DTYPES[dtype])}
     rows = measure(model, inputs, policies, hf_llava(decode_steps), warmup=warmup, runs=runs, device=device,
                    progress=progress)
+    config = {"model": model_name, "img_size": [size, size], "batch_size": batch_size, "runs": runs,
+              "warmup": warmup, "dtype": dtype, "device": device, "policies": list(policies), "seed": seed,
+              "weights": "random", "family": "hf-llava", "prompt_tokens": prompt_tokens,
+              "image_tokens": image_tokens, "decode_steps": decode_steps}
+    return _results(rows, config, device, load_before)
+
+
+def _start(runs: int, warmup: int, batch_size: int, device: str, threads: int | None,
+           verbose: bool) -> tuple[Callable[[str], None], Any]:
+    """Check the settings, set the threads; returns the progress printer and the load average now."""
+    from .bench import machine_info
+
+    if runs < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError(f"need runs >= 1, warmup >= 0, batch size >= 1; got {runs}, {warmup}, {batch_size}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("vtprune bench: --device cuda but torch.cuda.is_available() is False")
+    if threads:
+        torch.set_num_threads(threads)
+    progress = (lambda message: print(f"[cost] {message}", file=sys.stderr, flush=True)) if verbose else (
+        lambda message: None)
+    return progress, machine_info()["load_average_1_5_15min"]
+
+
+def _results(rows: list[dict[str, Any]], config: dict[str, Any], device: str, load_before: Any) -> dict[str, Any]:
+    """The JSON-ready report: machine, setup, timer and memory method, rows."""
+    from .bench import machine_info
+
     machine = machine_info()
     machine["load_average_at_start"] = load_before
     if device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
     return {
         "machine": machine,
-        "config": {"model": model_name, "img_size": [size, size], "batch_size": batch_size, "runs": runs,
-                   "warmup": warmup, "dtype": dtype, "device": device, "policies": list(policies), "seed": seed,
-                   "weights": "random", "family": "hf-llava", "prompt_tokens": prompt_tokens,
-                   "image_tokens": image_tokens, "decode_steps": decode_steps},
+        "config": config,
         "timer": "CUDA events + torch.cuda.synchronize" if device == "cuda" else "time.perf_counter (wall clock)",
         "memory_method": MEMORY_METHOD["cuda" if device == "cuda" else "cpu"],
         "flops_per": "sample",
