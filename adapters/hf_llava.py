@@ -170,7 +170,7 @@ class HFLlavaAdapter:
                 inner.multi_modal_projector, runtime, vision=vision, policy=projector, roles=roles, grid=grid,
                 anyres=_is_anyres(inner)))
             if _is_anyres(inner):
-                patch.override(inner, "pack_image_features", _pack_reduced(inner, runtime, grid, len(roles)))
+                patch.override(inner, "pack_image_features", _pack_reduced(inner, runtime, grid, len(roles), vision))
             config_layer = model.config.vision_feature_layer
             patch.override(inner, "get_image_features", runtime.entry(
                 _checked_feature_layer(inner.get_image_features, config_layer), post=_tag_image_features))
@@ -263,7 +263,8 @@ def _projector_forward(module: nn.Module, runtime: Runtime, *, vision: Policy | 
     return forward
 
 
-def _pack_reduced(inner: nn.Module, runtime: Runtime, grid: tuple[int, int], num_prefix: int):
+def _pack_reduced(inner: nn.Module, runtime: Runtime, grid: tuple[int, int], num_prefix: int,
+                  vision: Policy | None = None):
     """LLaVA-NeXT's ``pack_image_features`` for reduced crops.
 
     Unreduced crops go through the host's own packing. Reduced ones, per image: the base crop's tokens as
@@ -272,6 +273,10 @@ def _pack_reduced(inner: nn.Module, runtime: Runtime, grid: tuple[int, int], num
     on, in tile order; no ``image_newline`` tokens when there are tiles (the official FlowCut and VisionZip
     packing). A single-crop image keeps its newline, as unpruned. Also records the placeholder counts per
     image (the host's packed length) and the packed length for the prompt shortening.
+
+    A vision policy with a per-image budget (:meth:`vtprune.Policy.image_budget`, FlowCut's ``keep``) that
+    left more tokens than that after packing gets the budget enforced here: the packed tokens of highest
+    score (the policy's per-token scores in ``state.memory``) are kept, in packing order.
     """
     original = inner.pack_image_features
     host = sys.modules[type(inner).__module__]
@@ -286,9 +291,12 @@ def _pack_reduced(inner: nn.Module, runtime: Runtime, grid: tuple[int, int], num
         _, host_lens = original(dummy, image_sizes, vision_feature_select_strategy,
                                 image_newline=None if image_newline is None else torch.zeros(1))
         positions = state.positions
+        budget = vision.image_budget() if vision is not None else None
+        scores = state.memory.get("vision", {}).get("score") if budget is not None else None
         packed, start = [], 0
         for index, crops in enumerate(image_features):
             where = positions[start:start + crops.shape[0]] if positions is not None else None
+            crop_scores = scores[start:start + crops.shape[0]] if scores is not None else None
             start += crops.shape[0]
             if crops.shape[0] == 1:
                 tokens = crops[0]
@@ -311,7 +319,12 @@ def _pack_reduced(inner: nn.Module, runtime: Runtime, grid: tuple[int, int], num
             chosen = is_patch & keep_cell[cell]
             order = cell[chosen].argsort(stable=True)
             parts = [crops[0], tiles[chosen][order], tiles[~is_patch]]
-            packed.append(torch.cat(parts, dim=0))
+            tokens = torch.cat(parts, dim=0)
+            if crop_scores is not None and crop_scores.shape == crops.shape[:2] and tokens.shape[0] > budget:
+                token_scores = torch.cat([crop_scores[0], crop_scores[1:][chosen][order],
+                                          crop_scores[1:][~is_patch]])
+                tokens = tokens[token_scores.topk(budget).indices.sort().values]
+            packed.append(tokens)
         lens = [item.shape[0] for item in packed]
         state.scratch["image_tokens"] = (tuple(int(n) for n in host_lens), tuple(lens))
         state.visual_tokens = tuple(lens)

@@ -148,6 +148,7 @@ def test_vlm_pruning_policies_are_costed_from_the_tokens_they_hand_on(spec):
     assert full.by_site["vision"] == flops.estimate("llava-1.5-7b", convention="full").by_site["vision"]
     assert any("upper bound" in note for note in full.notes) == spec.startswith("flowcut")
     assert flops.estimate("llava-next-7b", policy="visionzip:dominant=54,contextual=10").visual_tokens == 5 * 64
+    assert flops.estimate("llava-next-7b", policy="flowcut:keep=160").visual_tokens == 160  # 5 x 80, cut to keep
 
 
 # --- conventions, configs, output ----------------------------------------------------------------------

@@ -78,6 +78,7 @@ def test_generate_and_forward_on_two_images_with_crops(model, policy):
     assert torch.equal(out[:, :ids.shape[1]], ids)
     if policy.name == "flowcut":
         assert handle.trace.tokens("vision")[-1] == 4 + 1  # keep // 2 per crop in the encoder (+ CLS)
+        assert handle.trace.visual_tokens == (8, 8)  # then at most keep per image after packing
     # the unpatched model fed the packed tokens with a prompt of as many placeholders
     lengths = [item.shape[0] for item in packed]
     short, short_mask = batch([[1, 2, 3] + [IMAGE] * lengths[0] + [4, 5], [6] + [IMAGE] * lengths[1] + [7, 8, 9, 10]])

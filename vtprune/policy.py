@@ -68,6 +68,12 @@ class Policy:
         default): not fixed; cost from a trace."""
         return None
 
+    def image_budget(self) -> int | None:
+        """Visual tokens per image when an image is encoded as several crops (LLaVA-NeXT) and the policy's
+        own per-crop cut leaves more after packing; the adapter then keeps the packed tokens of highest
+        per-token score (``LayerView.memory["score"]``). ``None`` (the default): no such budget."""
+        return None
+
     def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int]) -> int:
         """Multiply-accumulates of the matrix products the policy itself computes at one layer that
         reduces ``num_tokens`` tokens (similarity matrices, scores); ``dims`` maps a signal name

@@ -74,7 +74,10 @@ def _handed_on(arch: Architecture, policy: Policy) -> int | None:
         return None
     tower = arch.vision
     per_view = policy.handed_on(tower.num_patches, tower.num_prefix_tokens, arch.drop_prefix, anyres=arch.views > 1)
-    return None if per_view is None else arch.views * per_view
+    if per_view is None:
+        return None
+    budget = policy.image_budget() if arch.views > 1 else None
+    return arch.views * per_view if budget is None else min(arch.views * per_view, budget)
 
 
 def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],

@@ -98,6 +98,12 @@ class FlowCut(Policy):
         """:meth:`target` patches (the prefix is kept inside the tower and dropped by the host if it drops it)."""
         return min(self.target(anyres), num_patches) + (0 if drop_prefix else num_prefix)
 
+    def image_budget(self) -> int:
+        """``keep`` tokens per LLaVA-NeXT image: the official second cut (to ``keep``, in decoder layer 1, by
+        the last prompt token) needs the ``llm`` site; until then vtprune makes it on the packed stage-1
+        tokens with the encoder's cumulative scores."""
+        return self.keep
+
     def target(self, anyres: bool) -> int:
         """Patches kept per sequence: ``keep``, or ``keep // 2`` per crop of an anyres image (LLaVA-NeXT; the
         official stage-1 budget ``int(T / 2)``)."""
