@@ -41,10 +41,13 @@ from torch import nn
 
 from vtprune.policy import Policy
 from vtprune.reduction import MergePlan
+from vtprune.sequence import llm_tokens
 from vtprune.state import Runtime, TokenState
 
 from .base import Inspection
+
 from .hf_clip import AttentionTaps, _has_cls, _is_vision_tower, attention_signal, encoder_layer_forward, projections_for
+from .hf_llm import LLMSite
 from .patching import Patch
 from .reduction_point import reduce_at, refuse_gradient_checkpointing
 from .sequence import ShortenedLayout, positions_from_mask, shorten_layout
@@ -96,8 +99,8 @@ class HFLlavaAdapter:
     name = "hf-llava"
     family = ("transformers LlavaForConditionalGeneration (LLaVA-1.5) and LlavaNextForConditionalGeneration "
               "(LLaVA-NeXT); CLIP or SigLIP vision tower")
-    sites = ("vision", "projector")
-    signals = ("keys", "qkv", "hidden")
+    sites = ("vision", "projector", "llm")
+    signals = ("keys", "qkv", "hidden", "attention", "next_attention", "transitions", "tokens")
 
     def matches(self, model: nn.Module) -> bool:
         return _parts(model) is not None or (_old_layout(model) and hasattr(model, "config"))
@@ -171,11 +174,17 @@ class HFLlavaAdapter:
                 anyres=_is_anyres(inner)))
             if _is_anyres(inner):
                 patch.override(inner, "pack_image_features", _pack_reduced(inner, runtime, grid, len(roles), vision))
+            llm = runtime.policies.get("llm")
+            site = None
+            if llm is not None:
+                site = LLMSite(inner.language_model, runtime, llm, getattr(llm, "position_mode", "compact"))
+                site.patch(patch)
             config_layer = model.config.vision_feature_layer
             patch.override(inner, "get_image_features", runtime.entry(
                 _checked_feature_layer(inner.get_image_features, config_layer), post=_tag_image_features))
             patch.override(model, "forward", runtime.entry(
-                _language_forward(model, inner, runtime, config_layer), before=refuse_gradient_checkpointing(model)))
+                _language_forward(model, inner, runtime, config_layer, site),
+                before=refuse_gradient_checkpointing(model)))
             if callable(getattr(model, "_expand_multimodal_outputs", None)):
                 patch.override(model, "_expand_multimodal_outputs",
                                _expand_tagged(model._expand_multimodal_outputs, model.config.image_token_id))
@@ -374,10 +383,11 @@ def _expand_tagged(original, placeholder: int):
     return expand
 
 
-def _language_forward(model: nn.Module, inner: nn.Module, runtime: Runtime, config_layer: int):
+def _language_forward(model: nn.Module, inner: nn.Module, runtime: Runtime, config_layer: int,
+                      site: "LLMSite | None" = None):
     """The outermost forward: encode images with the policies, shorten the prompt to the visual tokens kept,
-    and translate the decode steps that follow."""
-    original = model.forward
+    run the language model (with the llm site's bookkeeping), and translate the decode steps that follow."""
+    original = _with_llm_site(model.forward, model, runtime, site)
     signature = inspect.signature(original)
     layouts: "weakref.WeakKeyDictionary[Any, ShortenedLayout]" = weakref.WeakKeyDictionary()
     placeholder = model.config.image_token_id
@@ -413,6 +423,36 @@ def _language_forward(model: nn.Module, inner: nn.Module, runtime: Runtime, conf
 
     forward.__wrapped__ = original  # type: ignore[attr-defined]
     return forward
+
+
+def _with_llm_site(original, model: nn.Module, runtime: Runtime, site: "LLMSite | None"):
+    """``original`` (the model's forward, called with keyword arguments) with the llm site's prefill
+    bookkeeping around it: token roles before, the cache layout after, and the loss on the kept labels."""
+    if site is None:
+        return original
+    placeholder = model.config.image_token_id
+
+    def call(**named: Any) -> Any:
+        state = runtime.active()
+        cache = named.get("past_key_values")
+        prefill = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
+        input_ids = named.get("input_ids")
+        tokens = llm_tokens(input_ids, named.get("attention_mask"), placeholder) \
+            if prefill and input_ids is not None and input_ids.shape[1] > 1 else None
+        site.begin(state, tokens)
+        labels = named.pop("labels", None) if tokens is not None else None
+        output = original(**named)
+        site.finish(state, getattr(output, "past_key_values", None))
+        surgery = state.scratch.get("llm")
+        if labels is not None:
+            if surgery is not None and surgery.cut:
+                labels = labels.gather(1, surgery.columns)
+            output["loss"] = model.loss_function(logits=output.logits, labels=labels,
+                                                 vocab_size=model.config.text_config.vocab_size)
+        return output
+
+    call.__wrapped__ = original  # type: ignore[attr-defined]
+    return call
 
 
 def _counts_of(image: Any, input_ids: torch.Tensor | None, placeholder: int,
