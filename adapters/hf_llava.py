@@ -173,7 +173,10 @@ class HFLlavaAdapter:
                 inner.multi_modal_projector, runtime, vision=vision, policy=projector, roles=roles, grid=grid,
                 anyres=_is_anyres(inner)))
             if _is_anyres(inner):
-                patch.override(inner, "pack_image_features", _pack_reduced(inner, runtime, grid, len(roles), vision))
+                # with an llm-site policy, that policy makes the cut to the final count (FlowCut's stage 2)
+                budgeted = vision if runtime.policies.get("llm") is None else None
+                patch.override(inner, "pack_image_features", _pack_reduced(inner, runtime, grid, len(roles),
+                                                                           budgeted))
             llm = runtime.policies.get("llm")
             site = None
             if llm is not None:

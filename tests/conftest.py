@@ -112,14 +112,14 @@ def images64():
     return seeded_images(4, 64, dtype=torch.float32)
 
 
-def build_tiny_llava_next(seed: int = 0, *, vision_layers: int = 4, dtype=torch.float64):
+def build_tiny_llava_next(seed: int = 0, *, vision_layers: int = 4, dtype=torch.float64, text_layers: int = 2):
     """A tiny HF LlavaNextForConditionalGeneration: CLIP 4 layers at 32 px / patch 8 (16 patches per crop),
     anyres grid pinpoints 32x64, 64x32 and 64x64 (base image + up to 4 tiles), image token 127."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
                               num_attention_heads=2, image_size=32, patch_size=8)
-    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=text_layers, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048)
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=127,
                              image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])

@@ -106,3 +106,38 @@ def test_keep_all_is_the_unpatched_model(model):
 def test_inspect_names_the_packing(model):
     report = vtprune.inspect(model)
     assert report.adapter == "hf-llava" and any("LLaVA-NeXT" in note for note in report.notes)
+
+
+def test_flowcut_two_stages():
+    """Stage 1 keeps keep // 2 per crop in the encoder; stage 2 cuts to keep after decoder layer 1."""
+    model = build_tiny_llava_next(text_layers=4)
+    pixels = images(3)[:1].expand(2, -1, -1, -1, -1)  # llm-site pruning needs as many visual tokens in every row
+    sizes = torch.tensor([[20, 64], [20, 64]])
+    with torch.no_grad():
+        lengths = [t.shape[0] for t in model.model.get_image_features(pixel_values=pixels, image_sizes=sizes)
+                   .pooler_output]
+    rows = [[1, 2, 3] + [IMAGE] * lengths[0] + [4, 5], [6] + [IMAGE] * lengths[1] + [7, 8, 9, 10]]
+    ids, mask = batch(rows)
+    policies = [vtprune.FlowCut(keep=12), vtprune.FlowCutLLM(keep=6)]
+    with torch.no_grad(), vtprune.applied(model, policies) as handle:
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes,
+                             max_new_tokens=6, do_sample=False)
+        trace = handle.trace
+        alone = [model.generate(input_ids=torch.tensor([row]), pixel_values=pixels[i:i + 1],
+                                image_sizes=sizes[i:i + 1], max_new_tokens=6, do_sample=False)
+                 for i, row in enumerate(rows)]
+    assert trace.tokens("vision")[-1] == 6 + 1
+    packed = trace.visual_tokens
+    assert packed[0] == packed[1] > 6  # no per-image cut at packing: stage 2 makes it
+    assert trace.tokens_in("llm") == [packed[0]] * 2 + [6] * 2
+    assert torch.equal(out[:, :ids.shape[1]], ids)
+    for i in range(2):
+        assert torch.equal(out[i, -6:], alone[i][0, -6:])
+
+
+def test_llm_site_refuses_rows_with_different_visual_counts():
+    from vtprune.sequence import llm_tokens
+
+    ids, mask = batch([[1] + [IMAGE] * 5 + [2], [3] + [IMAGE] * 4 + [4, 5]])
+    with pytest.raises(ValueError, match="same number of visual tokens in every row of a batch; got \\[5, 4\\]"):
+        llm_tokens(ids, mask, IMAGE)

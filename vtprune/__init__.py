@@ -7,7 +7,7 @@
     handle.remove()
 """
 from .api import AlreadyPatchedError, Handle, applied, apply, handle_of, inspect, last_trace, remove
-from .methods import FastV, FlowCut, PDrop, PiToMe, Pool2d, RandomKeep, ToMe, TransPrune, VisionZip
+from .methods import FastV, FlowCut, FlowCutLLM, PDrop, PiToMe, Pool2d, RandomKeep, ToMe, TransPrune, VisionZip
 from .policy import Policy, parse_spec
 from .reduction import MergePlan
 from .registry import make_policy, policies, register_policy
@@ -18,7 +18,7 @@ from . import flops  # noqa: E402  (no host library at import time)
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlreadyPatchedError", "FastV", "FlowCut", "Handle", "LayerTokens", "MergePlan", "PDrop", "PiToMe", "Policy",
+    "AlreadyPatchedError", "FastV", "FlowCut", "FlowCutLLM", "Handle", "LayerTokens", "MergePlan", "PDrop", "PiToMe", "Policy",
     "Pool2d", "RandomKeep", "ToMe", "Trace", "TransPrune", "VisionZip",
     "apply", "applied", "handle_of", "inspect", "last_trace", "make_policy", "parse_spec", "policies",
     "register_policy", "remove", "viz", "flops", "__version__",

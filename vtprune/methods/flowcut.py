@@ -130,3 +130,59 @@ class FlowCut(Policy):
         view.memory["score"] = cumulative.gather(1, order)
         prefix = torch.arange(view.num_protected, device=order.device).expand(order.shape[0], -1)
         return MergePlan.prune(torch.cat([prefix, order + view.num_protected], dim=1))
+
+
+def llm_stage_scores(qkv: QKV, tokens) -> torch.Tensor:
+    """FlowCut's language-model score (official ``LlamaSdpaAttention_forward``), ``[B, n_visual]``: with the
+    last prompt token's query and value against the visual keys and values (RoPE applied),
+    ``relation = mean_h softmax(q_last·K_visᵀ / √d)``, ``semantic = mean_h softmax(v_last·V_visᵀ / √d)``
+    (both over the visual tokens only), ``score = (relation/Σ + semantic/Σ) · ‖mean_h V_vis‖₁``."""
+    q, k, v = (matching_precision(tensor) for tensor in (qkv.q, qkv.k, qkv.v))
+    heads, dim = q.shape[1], q.shape[-1]
+    pick = lambda t, index: t.gather(2, index[:, None, :, None].expand(-1, heads, -1, dim))  # noqa: E731
+    last = tokens.last[:, None]
+    k_vis, v_vis = pick(k, tokens.visual), pick(v, tokens.visual)
+    relation = torch.softmax(pick(q, last) @ k_vis.transpose(-1, -2) / math.sqrt(dim), dim=-1).mean(1)[:, 0]
+    semantic = torch.softmax(pick(v, last) @ v_vis.transpose(-1, -2) / math.sqrt(dim), dim=-1).mean(1)[:, 0]
+    density = v_vis.mean(1).abs().sum(-1)
+    return (relation / relation.sum(-1, keepdim=True) + semantic / semantic.sum(-1, keepdim=True)) * density
+
+
+@register_policy
+@dataclass(frozen=True)
+class FlowCutLLM(Policy):
+    """FlowCut's second stage (LLaVA-NeXT and Qwen2-VL in the official code): after decoder layer ``layer``
+    (0-based; official 1), keep the ``keep`` visual tokens of highest :func:`llm_stage_scores`, in order.
+    Compose it with the vision stage: ``[FlowCut(keep=160), FlowCutLLM(keep=160)]``; with it, the vision
+    stage leaves its per-crop ``keep // 2`` to this cut (no per-image cut at packing).
+
+    Args:
+        keep: visual tokens kept (int >= 1).
+        layer: the decoder layer after which the cut happens (int >= 0; official 1).
+        position_mode: ``"compact"`` (renumbered, the official LLaVA code; default) or ``"keep"`` (original
+            positions, the official Qwen2-VL code).
+    """
+
+    name: ClassVar[str] = "flowcut_llm"
+    site: ClassVar[str] = "llm"
+    spec_fields: ClassVar[tuple[str, ...]] = ("keep",)
+    signals: ClassVar[tuple[str, ...]] = ("attention", "tokens")
+
+    keep: int = 64
+    layer: int = 1
+    position_mode: str = "compact"
+
+    def __post_init__(self) -> None:
+        check_int("keep", self.keep, minimum=1, policy="flowcut_llm")
+        check_int("layer", self.layer, minimum=0, policy="flowcut_llm")
+        if self.position_mode not in ("compact", "keep"):
+            raise ValueError(f"flowcut_llm: position_mode must be one of 'compact', 'keep'; got {self.position_mode!r}")
+
+    def reduce(self, view: LayerView) -> MergePlan | None:
+        from ..sequence import keep_visual
+
+        tokens = view.signal("tokens")
+        if view.layer != self.layer or tokens.visual.shape[1] <= self.keep:
+            return None
+        scores = llm_stage_scores(view.signal("attention"), tokens)
+        return keep_visual(tokens, scores.topk(self.keep, dim=-1).indices, view.num_tokens)
