@@ -168,7 +168,7 @@ def test_registry_lists_policies():
     registry = vtprune.policies()
     assert registry["tome"] is vtprune.ToMe and registry["pitome"] is vtprune.PiToMe
     assert list(registry) == sorted(registry)
-    with pytest.raises(ValueError, match="unknown policy 'tomme'; registered policies: fastv, flowcut, pdrop, pitome, pool2d, randomkeep, tome, transprune, visionzip"):
+    with pytest.raises(ValueError, match="unknown policy 'tomme'; registered policies: fastv, flowcut, flowcut_llm, pdrop, pitome, pool2d, randomkeep, tome, transprune, visionzip"):
         vtprune.apply(small_vit(), "tomme:r=2")
 
 

@@ -421,7 +421,7 @@ def test_cli_prints_schedule_and_both_conventions(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--config", "llava-9b"], "llava-1.5-7b"),
-    (["--config", "vit-b-16", "--policy", "nope:r=1"], "registered policies: fastv, flowcut, pdrop, pitome, pool2d, randomkeep, tome, transprune, visionzip"),
+    (["--config", "vit-b-16", "--policy", "nope:r=1"], "registered policies: fastv, flowcut, flowcut_llm, pdrop, pitome, pool2d, randomkeep, tome, transprune, visionzip"),
     (["--config", "llava-1.5-7b", "--schedule", "576x3"], "32 layers"),
     (["--config", "vit-b-16", "--set", "units=MACs"], "accepted:"),
 ])
