@@ -483,7 +483,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``vtprune bench`` and ``python -m vtprune.evals.bench``)."""
     parser.add_argument("--model", default="vit_base_patch16_224",
                         help="timm model name (random weights); with --report cost also a random-weight LLaVA: "
-                             "llava-mid, llava-tiny, llava-1.5-7b (the architecture; use a GPU)")
+                             "llava-mid, llava-mid32, llava-tiny, llava-1.5-7b (the architecture; use a GPU)")
     parser.add_argument("--prompt-tokens", type=int, default=48,
                         help="LLaVA models: text tokens around the image in the prompt (default 48)")
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
@@ -494,8 +494,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), metavar="SPEC",
-                        help="policy specs, e.g. tome:r=16 pitome:ratio=0.9; 'none' (the unpatched model) "
-                             "is always timed as the reference")
+                        help="policy specs, e.g. tome:r=16 pitome:ratio=0.9; with --report cost, '+' composes "
+                             "policies of different sites in one configuration (visionzip:keep=192+transprune); "
+                             "'none' (the unpatched model) is always timed as the reference")
     parser.add_argument("--overhead-runs", type=int, default=2,
                         help="instrumented forwards per policy for the overhead measurement (0: skip)")
     parser.add_argument("--official-tome", metavar="PATH", default=None,
@@ -516,7 +517,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         for spec in args.policies:
             if spec.strip().lower() not in ("none", "unpatched"):
-                vtprune.make_policy(spec)
+                for part in spec.split("+"):
+                    vtprune.make_policy(part)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"vtprune bench: {error}") from None
     if getattr(args, "report", "speed") == "cost":

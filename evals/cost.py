@@ -237,15 +237,23 @@ class Configuration:
     times: dict[str, list[float]] = field(default_factory=dict)
 
 
+def parse_configuration(spec: str) -> list[vtprune.Policy]:
+    """The policies of one configuration: a spec string, or several joined by ``+`` (composed, one per site:
+    ``"visionzip:keep=192+transprune"``)."""
+    return [vtprune.make_policy(part) for part in spec.split("+")]
+
+
 def build_configurations(model: nn.Module, specs: Sequence[str]) -> list[Configuration]:
-    """The unpruned model first (always), then one patched deep copy per policy spec (registry names)."""
+    """The unpruned model first (always), then one patched deep copy per configuration spec (registry names;
+    ``+`` composes policies)."""
     configurations = [Configuration("none (unpruned)", model)]
     for spec in specs:
         if spec.strip().lower() in ("none", "unpatched", "unpruned"):
             continue
-        policy = vtprune.make_policy(spec)
+        policies = parse_configuration(spec)
         patched = copy.deepcopy(model)
-        configurations.append(Configuration(str(policy), patched, policy, vtprune.apply(patched, policy)))
+        label = "+".join(map(str, policies))
+        configurations.append(Configuration(label, patched, policies, vtprune.apply(patched, policies)))
     return configurations
 
 
@@ -282,7 +290,8 @@ def measure(model: nn.Module, inputs: Any, specs: Sequence[str], family: Family 
             progress(f"{conf.label}: peak memory")
             memory = peak_memory(lambda: family.forward(conf.model, inputs), device)
             rows.append({
-                "label": conf.label, "policy": conf.policy.to_dict() if conf.policy is not None else None,
+                "label": conf.label,
+                "policy": [policy.to_dict() for policy in conf.policy] if conf.policy is not None else None,
                 "attention_backend": _summarise_backends(family.attention_backends(conf.model)),
                 "attention_backend_per_layer": family.attention_backends(conf.model),
                 "tokens_per_layer": [list(pair) for pair in schedule],
@@ -364,12 +373,17 @@ def run(model_name: str = "vit_base_patch16_224", batch_size: int = 32, runs: in
 
 
 #: Random-weight LLaVA-1.5 architectures for the cost report: (vision tower, language model) config kwargs.
-#: ``llava-mid`` fits a 2-core CPU while the language model dominates (~80 % of the prefill FLOPs).
+#: ``llava-mid`` fits a 2-core CPU while the language model dominates (~80 % of the prefill FLOPs);
+#: ``llava-mid32`` has LLaVA-1.5's 32 decoder layers (narrower), for the policies that cut inside them.
 LLAVA_MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "llava-mid": (dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4,
                        image_size=336, patch_size=14),
                   dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
                        num_key_value_heads=8, vocab_size=32000)),
+    "llava-mid32": (dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4,
+                         image_size=336, patch_size=14),
+                    dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=32, num_attention_heads=12,
+                         num_key_value_heads=12, vocab_size=32000)),
     "llava-1.5-7b": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                           image_size=336, patch_size=14, projection_dim=768),
                      dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
