@@ -36,7 +36,7 @@ from vtprune.state import Runtime, TokenState
 from vtprune.view import QKV
 
 from .base import Inspection
-from .patching import Patch
+from .patching import Patch, forward_of
 from .reduction_point import (CapturedOutput, log_size_bias, reduce_at, refuse_gradient_checkpointing,
                               size_aware_mha_pool)
 
@@ -129,7 +129,7 @@ class HFVisionAdapter:
             if head is not None and isinstance(getattr(head, "attention", None), nn.MultiheadAttention):
                 patch.override(head, "forward", size_aware_mha_pool(head, head.attention, runtime,
                                                                     _siglip_head_queries, _siglip_head_output))
-            patch.override(model, "forward", runtime.entry(model.forward, record_layers=True,
+            patch.override(model, "forward", runtime.entry(forward_of(model), record_layers=True,
                                                            before=refuse_gradient_checkpointing(model),
                                                            post=_unmerge_hidden_states(len(layers))))
         except BaseException:
@@ -192,7 +192,7 @@ def encoder_layer_forward(layer: nn.Module, index: int, runtime: Runtime, *, pol
     the layer's output and captured projections (LLaVA's feature layer). ``anyres``: the sequences are
     crops of LLaVA-NeXT images (:attr:`~vtprune.view.LayerView.anyres`).
     """
-    original = layer.forward
+    original = forward_of(layer)
     proportional = policy is not None and policy.proportional_attention()
     post = policy is not None and policy.reduction_placement() == "post"
 

@@ -48,7 +48,7 @@ from .base import Inspection
 
 from .hf_clip import AttentionTaps, _has_cls, _is_vision_tower, attention_signal, encoder_layer_forward, projections_for
 from .hf_llm import LLMSite
-from .patching import Patch
+from .patching import Patch, forward_of
 from .reduction_point import reduce_at, refuse_gradient_checkpointing
 from .sequence import ShortenedLayout, positions_from_mask, shorten_layout
 
@@ -76,7 +76,26 @@ class ImageTokens:
     state: TokenState
 
 
-TAG = "vtprune_image_tokens"
+_TAGS: dict[int, tuple["weakref.ref", ImageTokens]] = {}
+
+
+def set_tag(image: Any, tag: ImageTokens) -> None:
+    """Attach ``tag`` to encoded image features, keyed by their first feature tensor: wrappers such as
+    accelerate's device hooks rebuild the output object and its list, but keep the tensors."""
+    features = getattr(image, "pooler_output", None)
+    if features is None or not len(features):
+        return
+    first = features[0]
+    key = id(first)
+    _TAGS[key] = (weakref.ref(first, lambda _ref, key=key: _TAGS.pop(key, None)), tag)
+
+
+def get_tag(image: Any) -> ImageTokens | None:
+    features = getattr(image, "pooler_output", None)
+    if features is None or not len(features):
+        return None
+    entry = _TAGS.get(id(features[0]))
+    return entry[1] if entry is not None and entry[0]() is features[0] else None
 
 
 _PARTS = ("vision_tower", "multi_modal_projector", "language_model")
@@ -234,7 +253,7 @@ def _projector_forward(module: nn.Module, runtime: Runtime, *, vision: Policy | 
     """The projector's forward: reorder vision-site output to raster order, run the projector-site policy on
     the feature layer's tokens, hand the result (CLS dropped unless the host or the policy keeps it) to the
     projector, and note the counts per image for the language-model side."""
-    original = module.forward
+    original = forward_of(module)
     num_prefix = len(roles)
 
     def forward(features: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -350,7 +369,7 @@ def _tag_image_features(output: Any, state: TokenState) -> Any:
     """``post`` of ``get_image_features`` called on its own (``generate`` encodes images before prefill)."""
     counts = state.scratch.get("image_tokens")
     if counts is not None and output is not None and not isinstance(output, tuple):
-        object.__setattr__(output, TAG, ImageTokens(original=counts[0], kept=counts[1], state=state))
+        set_tag(output, ImageTokens(original=counts[0], kept=counts[1], state=state))
     return output
 
 
@@ -364,7 +383,7 @@ def _expand_tagged(original, placeholder: int):
         named = _named_arguments(signature, args, kwargs)
         encoded, input_ids, times = named.get("mm_encoder_output"), named.get("input_ids"), named.get("expand_size", 1)
         image = encoded.get("image") if isinstance(encoded, dict) else None
-        tag = getattr(image, TAG, None)
+        tag = get_tag(image)
         if tag is None or input_ids is None or times == 1 or tag.original == tag.kept:
             return original(*args, **kwargs)
         order, start = [], 0
@@ -378,7 +397,7 @@ def _expand_tagged(original, placeholder: int):
         features = image.pooler_output
         expanded = [features[i] for i in order]
         image.pooler_output = torch.stack(expanded) if isinstance(features, torch.Tensor) else expanded
-        object.__setattr__(image, TAG, ImageTokens(original=tuple(tag.original[i] for i in order),
+        set_tag(image, ImageTokens(original=tuple(tag.original[i] for i in order),
                                                    kept=tuple(tag.kept[i] for i in order), state=tag.state))
         return encoded
 
@@ -390,7 +409,7 @@ def _language_forward(model: nn.Module, inner: nn.Module, runtime: Runtime, conf
                       site: "LLMSite | None" = None):
     """The outermost forward: encode images with the policies, shorten the prompt to the visual tokens kept,
     run the language model (with the llm site's bookkeeping), and translate the decode steps that follow."""
-    original = _with_llm_site(model.forward, model, runtime, site)
+    original = _with_llm_site(forward_of(model), model, runtime, site)
     signature = inspect.signature(original)
     layouts: "weakref.WeakKeyDictionary[Any, ShortenedLayout]" = weakref.WeakKeyDictionary()
     placeholder = model.config.image_token_id
@@ -460,7 +479,7 @@ def _with_llm_site(original, model: nn.Module, runtime: Runtime, site: "LLMSite 
 
 def _counts_of(image: Any, input_ids: torch.Tensor | None, placeholder: int,
                state: TokenState) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    tag = getattr(image, TAG, None)
+    tag = get_tag(image)
     if tag is not None:
         state.adopt(tag.state)
         return tag.original, tag.kept

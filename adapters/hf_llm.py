@@ -32,7 +32,7 @@ from vtprune.sequence import LLMTokens
 from vtprune.state import Runtime, TokenState
 from vtprune.view import QKV, LayerView
 
-from .patching import Patch
+from .patching import Patch, forward_of
 from .reduction_point import CapturedOutput
 
 POSITION_MODES = ("compact", "keep")
@@ -143,21 +143,23 @@ class LLMSite:
                 for name, slot in taps.items():
                     projection = getattr(layer.self_attn, f"{name}_proj")
                     patch.override(projection, "forward", slot.wrap(projection, self.runtime))
-            transitions = None
-            if "transitions" in signals:
-                transitions = {}
-                patch.override(layer.self_attn, "forward", self._recording(layer.self_attn, "attn", transitions))
-                patch.override(layer.mlp, "forward", self._recording(layer.mlp, "mlp", transitions))
+            transitions = "transitions" in signals
+            if transitions:
+                patch.override(layer.self_attn, "forward", self._recording(layer.self_attn, "attn"))
+                patch.override(layer.mlp, "forward", self._recording(layer.mlp, "mlp"))
             patch.override(layer, "forward", self._layer_forward(layer, index, taps, transitions))
 
-    def _recording(self, module: nn.Module, name: str, store: dict) -> Callable[..., Any]:
-        original = module.forward
+    def _recording(self, module: nn.Module, name: str) -> Callable[..., Any]:
+        """A forward that keeps its (normed) input and output in the active call's state, for one layer."""
+        original = forward_of(module)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
-            if self.runtime.active() is not None:
+            state = self.runtime.active()
+            if state is not None and state.scratch.get("llm") is not None:
                 inputs = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
-                store[name] = (inputs, output[0] if isinstance(output, tuple) else output)
+                state.scratch.setdefault("transitions", {})[name] = (
+                    inputs, output[0] if isinstance(output, tuple) else output)
             return output
 
         return forward
@@ -178,8 +180,8 @@ class LLMSite:
         except TypeError:  # not weak-referenceable
             pass
 
-    def _layer_forward(self, layer: nn.Module, index: int, taps: dict | None, transitions: dict | None):
-        original = layer.forward
+    def _layer_forward(self, layer: nn.Module, index: int, taps: dict | None, transitions: bool):
+        original = forward_of(layer)
 
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             state = self.runtime.active()
@@ -187,8 +189,7 @@ class LLMSite:
                 return original(hidden_states, *args, **kwargs)
             surgery = state.scratch.get("llm")
             if surgery is not None and hidden_states.shape[1] == surgery.columns.shape[1]:
-                return self._prefill_layer(original, layer, index, state, surgery, hidden_states, kwargs, taps,
-                                           transitions)
+                return self._prefill_layer(original, layer, index, state, surgery, hidden_states, kwargs, taps)
             layout = self._layout(kwargs.get("past_key_values"))
             if layout is not None and index in layout.columns:
                 kwargs = self._decode_kwargs(layout, index, hidden_states, kwargs)
@@ -204,7 +205,7 @@ class LLMSite:
         except TypeError:
             return None
 
-    def _prefill_layer(self, original, layer, index, state, surgery: Surgery, hidden, kwargs, taps, transitions):
+    def _prefill_layer(self, original, layer, index, state, surgery: Surgery, hidden, kwargs, taps):
         if not surgery.original:
             surgery.original = {"mask": kwargs.get("attention_mask"), "position_ids": kwargs.get("position_ids"),
                                 "position_embeddings": kwargs.get("position_embeddings"),
@@ -214,9 +215,15 @@ class LLMSite:
             surgery.layer_columns[index] = surgery.columns
             surgery.layer_removed[index] = surgery.dropped.sum(1)
         output = original(hidden, **kwargs)
+        try:
+            return self._reduce_after(layer, index, state, surgery, output, kwargs, taps)
+        finally:
+            state.scratch.pop("transitions", None)  # this layer's module inputs/outputs: not kept past it
+
+    def _reduce_after(self, layer, index, state, surgery: Surgery, output, kwargs, taps):
+        taken = {name: slot.take() for name, slot in taps.items()} if taps is not None else {}
         if surgery.tokens.visual.shape[1] == 0:
             return output
-        taken = {name: slot.take() for name, slot in taps.items()} if taps is not None else {}
 
         def provide(name: str) -> Any:
             if name == "attention":
@@ -226,7 +233,7 @@ class LLMSite:
                     raise ValueError("next_attention is not available after the last decoder layer")
                 return self._next_attention(self.layers[index + 1], output, kwargs["position_embeddings"])
             if name == "transitions":
-                return dict(transitions)
+                return dict(state.scratch.get("transitions", {}))
             if name == "tokens":
                 return surgery.tokens
             raise ValueError(f"the llm site offers the signals 'attention', 'next_attention', 'transitions', "

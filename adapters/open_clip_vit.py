@@ -30,7 +30,7 @@ from vtprune.reduction import unmerge, unmerge_patches
 from vtprune.state import Runtime
 
 from .base import Inspection
-from .patching import Patch
+from .patching import Patch, forward_of
 from .reduction_point import (log_size_bias, reduce_at, refuse_gradient_checkpointing, refuse_placement,
                               size_aware_mha_pool)
 
@@ -107,7 +107,7 @@ class OpenClipViTAdapter:
             for index, block in enumerate(blocks):
                 patch.override(block, "forward", _block_forward(block, index, len(blocks), roles, runtime))
             guard = refuse_gradient_checkpointing(model)
-            patch.override(model, "forward", runtime.entry(model.forward, before=guard))
+            patch.override(model, "forward", runtime.entry(forward_of(model), before=guard))
             patch.override(model, "forward_intermediates", runtime.entry(model.forward_intermediates,
                                                                         record_layers=True, before=guard))
             patch.override(model.transformer, "forward_intermediates",
@@ -144,7 +144,7 @@ def _head_mean_keys(attn: nn.MultiheadAttention, normed: torch.Tensor) -> torch.
 
 
 def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[str, ...], runtime: Runtime):
-    original = block.forward
+    original = forward_of(block)
     policy = runtime.policies["vision"]
     proportional = policy.proportional_attention()
     batch_first = bool(block.attn.batch_first)

@@ -20,7 +20,18 @@ class Patch:
         self._undo: list[Callable[[], None]] = []
 
     def override(self, module: nn.Module, name: str, function: Callable[..., Any]) -> None:
-        """Shadow ``module.<name>`` with ``function`` for this instance only."""
+        """Shadow ``module.<name>`` with ``function`` for this instance only.
+
+        A module dispatched by accelerate (``device_map``, offload) already has an instance ``forward`` that
+        moves weights and inputs around ``module._old_forward``; there ``_old_forward`` is replaced instead
+        (and restored on undo), so accelerate's hooks keep running around vtprune's forward. Build
+        ``function`` around :func:`forward_of`, not ``module.forward``.
+        """
+        if name == "forward" and _hooked(module):
+            previous = module.__dict__["_old_forward"]
+            object.__setattr__(module, "_old_forward", _Override(function, "_old_forward", module))
+            self._undo.append(lambda: object.__setattr__(module, "_old_forward", previous))
+            return
         if isinstance(module.__dict__.get(name), _CopiedOverride):
             object.__delattr__(module, name)  # left by deepcopy of a patched model: behaves as the class
         if name in module.__dict__:
@@ -32,6 +43,17 @@ class Patch:
     def undo(self) -> None:
         while self._undo:
             self._undo.pop()()
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether accelerate's ``add_hook_to_module`` wrapped this instance's forward."""
+    return "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__ and "forward" in module.__dict__
+
+
+def forward_of(module: nn.Module) -> Callable[..., Any]:
+    """The forward a patch should call as "the original": the module's own, under accelerate's hooks if any
+    (calling the hooked ``forward`` from inside ``_old_forward`` would recurse)."""
+    return module.__dict__["_old_forward"] if _hooked(module) else module.forward
 
 
 PICKLE_ERROR = ("a model patched by vtprune cannot be pickled; call handle.remove() (or vtprune.remove(model)) "

@@ -15,6 +15,8 @@ from vtprune.policy import Policy
 from vtprune.state import Runtime, TokenState
 from vtprune.view import LayerView
 
+from .patching import forward_of
+
 
 def log_size_bias(state: TokenState, dtype: torch.dtype) -> torch.Tensor | None:
     """``log(size)`` over the keys as an additive attention mask ``[B, 1, 1, N]`` (ToMe's proportional
@@ -58,7 +60,7 @@ class CapturedOutput:
         self._local = threading.local()
 
     def wrap(self, module: nn.Module, runtime: Runtime) -> Callable[..., Any]:
-        original = module.forward
+        original = forward_of(module)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
@@ -122,7 +124,7 @@ def size_aware_mha_pool(pooler: nn.Module, attention: nn.MultiheadAttention, run
     ``log(size)`` (proportional attention, Bolya et al. 2023, Eq. 1), so pooling over merged tokens equals
     pooling over the tokens they contain. ``before(pooler, x)`` gives ``(queries, keys_values)``,
     ``after(pooler, attended)`` the pooled output (the host's own steps around its attention)."""
-    original = pooler.forward
+    original = forward_of(pooler)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         size = runtime.sizes_for(x) if x.dim() == 3 and not args and not kwargs else None

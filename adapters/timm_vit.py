@@ -24,7 +24,7 @@ from vtprune.reduction import unmerge_patches
 from vtprune.state import Runtime
 
 from .base import Inspection
-from .patching import Patch
+from .patching import Patch, forward_of
 from .reduction_point import (CapturedOutput, key_log_sizes, log_size_bias, reduce_at,
                               refuse_gradient_checkpointing, refuse_placement)
 
@@ -112,7 +112,7 @@ class TimmViTAdapter:
                 patch.override(block, "forward",
                                _block_forward(block, index, len(model.blocks), roles, runtime, keys_slot))
             guard = refuse_gradient_checkpointing(model)
-            patch.override(model, "forward", runtime.entry(model.forward, before=guard))
+            patch.override(model, "forward", runtime.entry(forward_of(model), before=guard))
             patch.override(model, "forward_features", runtime.entry(model.forward_features, before=guard))
             patch.override(model, "forward_intermediates", runtime.entry(
                 _intermediates_forward(model, runtime), record_layers=True, before=guard))
@@ -125,7 +125,7 @@ class TimmViTAdapter:
 
 def _block_forward(block: nn.Module, index: int, num_layers: int, roles: tuple[str, ...],
                    runtime: Runtime, keys_slot: CapturedOutput):
-    original = block.forward
+    original = forward_of(block)
     policy = runtime.policies["vision"]
     proportional = policy.proportional_attention()
 

@@ -124,7 +124,7 @@ class Runtime:
                     output = post(output, state)
             finally:
                 self._local.state = None
-                if state.assignment is not None:
+                if state.assignment is not None or state.records:
                     self.last_state = state
             self.remember_features(output, state)
             return output
