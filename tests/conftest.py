@@ -30,7 +30,8 @@ def small_vit(name: str = "vit_tiny_patch16_224", dtype=torch.float32, **kwargs)
 
 
 def build_tiny_llava(seed: int = 0, *, vision_layers: int = 2, image_size: int = 32, patch_size: int = 8,
-                     vision: str = "clip", attn: str = "sdpa", dtype=torch.float32, text_layers: int = 2):
+                     vision: str = "clip", attn: str = "sdpa", dtype=torch.float32, text_layers: int = 2,
+                     text_model: str = "llama"):
     """A tiny HF LlavaForConditionalGeneration from configs (Llama 2 layers with GQA, vocab 128, image token 127).
 
     Default: CLIP with 2 layers, 32 px images in 8 px patches, 16 image tokens per image. ``vision="siglip"``
@@ -38,13 +39,14 @@ def build_tiny_llava(seed: int = 0, *, vision_layers: int = 2, image_size: int =
     LLaVA-1.5's tower geometry (577 tokens, 576 image tokens).
     """
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              SiglipVisionConfig)
+                              MistralConfig, Qwen2Config, SiglipVisionConfig)
 
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2,
                  image_size=image_size, patch_size=patch_size)
     vision_config = CLIPVisionConfig(**tower) if vision == "clip" else SiglipVisionConfig(**tower)
-    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=text_layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048)
+    text_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text_model]
+    text = text_class(hidden_size=64, intermediate_size=96, num_hidden_layers=text_layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=2048)
     strategy = "default" if vision == "clip" else "full"
     tokens = (image_size // patch_size) ** 2
     config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_index=127,

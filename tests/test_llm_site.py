@@ -190,3 +190,17 @@ def test_composes_with_a_projector_policy_and_remove_restores(llava):
     handle.remove()
     with torch.no_grad():
         assert torch.equal(llava(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, before)
+
+
+@pytest.mark.parametrize("text_model", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_decoders(text_model):
+    model = build_tiny_llava(vision_layers=2, image_size=336, patch_size=14, text_layers=4, text_model=text_model,
+                             dtype=torch.float64)
+    ids, mask = batch(ROWS)
+    pixels = images(2, 336, seed=8, dtype=torch.float64)
+    with vtprune.applied(model, vtprune.FastV(k=2, r=0.75)) as handle:
+        together = generate(model, ids, mask, pixels, steps=10)
+        assert handle.trace.tokens_in("llm") == [576, 576, 144, 144]
+        for i, row in enumerate(ROWS):
+            alone = generate(model, torch.tensor([row]), None, pixels[i:i + 1], steps=10)
+            assert torch.equal(together[i, -10:], alone[0, -10:])
