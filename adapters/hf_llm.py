@@ -192,7 +192,12 @@ class LLMSite:
                 return self._prefill_layer(original, layer, index, state, surgery, hidden_states, kwargs, taps)
             layout = self._layout(kwargs.get("past_key_values"))
             if layout is not None and index in layout.columns:
-                kwargs = self._decode_kwargs(layout, index, hidden_states, kwargs)
+                # layers of one stage share their columns: rebuild once per stage and call
+                rebuilt = state.scratch.setdefault("decode_rebuilt", {})
+                key = id(layout.columns[index])
+                if key not in rebuilt:
+                    rebuilt[key] = self._decode_kwargs(layout, index, hidden_states, kwargs)
+                kwargs = {**kwargs, **rebuilt[key]}
             return original(hidden_states, **kwargs)
 
         return forward
@@ -262,7 +267,16 @@ class LLMSite:
         return gathered - shift
 
     def _prefill_kwargs(self, surgery: Surgery, hidden: torch.Tensor, kwargs: dict) -> dict:
-        kwargs = dict(kwargs)
+        """The layer's mask, position ids and RoPE for the kept columns (rebuilt once per cut, then reused)."""
+        cached = surgery.original.get("rebuilt")
+        if cached is not None and cached[0] is surgery.columns:
+            return {**kwargs, **cached[1]}
+        rebuilt = self._rebuild(surgery, hidden, kwargs)
+        surgery.original["rebuilt"] = (surgery.columns, rebuilt)
+        return {**kwargs, **rebuilt}
+
+    def _rebuild(self, surgery: Surgery, hidden: torch.Tensor, kwargs: dict) -> dict:
+        kwargs = {}
         columns = surgery.columns
         mask = surgery.original["mask"]
         if isinstance(mask, torch.Tensor):
@@ -278,15 +292,17 @@ class LLMSite:
         return kwargs
 
     def _decode_kwargs(self, layout: DecodeLayout, index: int, hidden: torch.Tensor, kwargs: dict) -> dict:
-        kwargs = dict(kwargs)
+        """A decode step's mask, position ids and RoPE at a layer after a cut (only the changed entries)."""
+        given = kwargs
+        kwargs = {}
         columns = layout.columns[index]
-        mask = kwargs.get("attention_mask")
+        mask = given.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             mask = mask.expand(columns.shape[0], *mask.shape[1:])
             head = _gather_mask(mask[..., :layout.length], columns, None)
             kwargs["attention_mask"] = torch.cat([head, mask[..., layout.length:]], dim=-1)
         if self.mode == "compact":
-            positions = kwargs.get("position_ids")
+            positions = given.get("position_ids")
             if positions is not None:
                 positions = positions.expand(columns.shape[0], -1) - layout.removed[index][:, None]
                 kwargs["position_ids"] = positions
