@@ -375,15 +375,13 @@ def run(model_name: str = "vit_base_patch16_224", batch_size: int = 32, runs: in
 #: Random-weight LLaVA-1.5 architectures for the cost report: (vision tower, language model) config kwargs.
 #: ``llava-mid`` fits a 2-core CPU while the language model dominates (~80 % of the prefill FLOPs);
 #: ``llava-mid32`` has LLaVA-1.5's 32 decoder layers (narrower), for the policies that cut inside them.
+_MID_TOWER = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4,
+                  image_size=336, patch_size=14)
 LLAVA_MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "llava-mid": (dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4,
-                       image_size=336, patch_size=14),
-                  dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=8, vocab_size=32000)),
-    "llava-mid32": (dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=24, num_attention_heads=4,
-                         image_size=336, patch_size=14),
-                    dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=32, num_attention_heads=12,
-                         num_key_value_heads=12, vocab_size=32000)),
+    "llava-mid": (_MID_TOWER, dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                                   num_attention_heads=8, num_key_value_heads=8, vocab_size=32000)),
+    "llava-mid32": (_MID_TOWER, dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=32,
+                                     num_attention_heads=12, num_key_value_heads=12, vocab_size=32000)),
     "llava-1.5-7b": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                           image_size=336, patch_size=14, projection_dim=768),
                      dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
