@@ -1,0 +1,68 @@
+"""``vtprune eval``: accuracy and cost of every policy side by side (see :mod:`vtprune.evals.runner`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+HELP = "evaluate policies side by side: accuracy, fidelity, tokens, FLOPs and latency vs the unpruned model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML", default=None,
+                        help="a YAML file with the same keys as the flags (flags given here override it)")
+    parser.add_argument("--model", help="library:name, e.g. timm:vit_base_patch16_224")
+    parser.add_argument("--task", help="task name (classification)")
+    parser.add_argument("--data", help="dataset path (classification: an ImageNet-style folder)")
+    parser.add_argument("--policies", nargs="*", metavar="SPEC", help="policy specs, e.g. tome:r=16 pitome:ratio=0.9; "
+                        "'+' composes policies of different sites; the unpruned model always runs")
+    parser.add_argument("--out", help="output directory (results.jsonl, summary.json/csv, report.md); rerun to resume")
+    parser.add_argument("--limit", type=int, default=None, help="first N samples only")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    parser.add_argument("--weights", choices=("pretrained", "random"), default=None,
+                        help="random: build the model with random weights (smoke tests, no download)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .runner import EvalConfig
+
+    values: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        known = {field.name for field in dataclasses.fields(EvalConfig)}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} in {args.config}; known: {sorted(known)}")
+        values.update(loaded)
+    for key in ("model", "task", "data", "policies", "out", "limit", "batch_size", "device", "dtype", "weights",
+                "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            values[key] = value
+    missing = [key for key in ("model", "task", "data", "out") if not values.get(key)]
+    if missing:
+        raise ValueError(f"missing {', '.join('--' + key for key in missing)} (or their keys in --config)")
+    values["policies"] = tuple(values.get("policies") or ())
+    return EvalConfig(**values)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from .results import IncompatibleRunError
+    from .runner import run
+
+    try:
+        config = config_from_args(args)
+        summary = run(config, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, IncompatibleRunError) as error:
+        print(f"vtprune eval: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print((Path(config.out) / "report.md").read_text())
+    return 0 if summary["results"] else 1

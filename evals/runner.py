@@ -1,0 +1,272 @@
+"""The eval runner: one model, one task, every policy, side by side, in one harness.
+
+For every batch of samples the unpruned model runs first, then each configuration; each configuration's
+outputs are scored against the labels and against the unpruned outputs of the same batch (fidelity).
+Rows go to ``DIR/results.jsonl`` as batches finish (resumable, see :mod:`.results`); at the end
+``DIR/summary.json``, ``DIR/summary.csv`` and ``DIR/report.md`` are written, with per configuration the
+task's metrics (raw and as % of unpruned), tokens (retained and layer-averaged), FLOPs in both
+conventions (``vtprune.flops`` from the trace), latency per batch, and the environment.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import vtprune
+from vtprune import flops
+
+from .results import RunDirectory, write_atomic
+from .tasks import get_task
+
+UNPRUNED = "none (unpruned)"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What a run is. ``model``: ``timm:NAME``; ``weights``: ``"pretrained"`` or ``"random"`` (smoke tests)."""
+
+    model: str
+    task: str
+    data: str
+    policies: tuple[str, ...] = ()
+    out: str = "eval-out"
+    limit: int | None = None
+    batch_size: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+    weights: str = "pretrained"
+    seed: int = 0
+
+    def resolved(self) -> dict[str, Any]:
+        """The configuration as saved with the results (policies in their canonical spec form)."""
+        data = asdict(self)
+        data["policies"] = [canonical(spec) for spec in self.policies]
+        data["data"] = str(Path(self.data).resolve())
+        data.pop("out")
+        return data
+
+
+def canonical(spec: str) -> str:
+    return "+".join(str(vtprune.make_policy(part)) for part in spec.split("+"))
+
+
+def load_model(spec: str, weights: str, device: str, dtype: torch.dtype, seed: int) -> nn.Module:
+    """A model from ``library:name`` (``timm:vit_base_patch16_224``)."""
+    library, _, name = spec.partition(":")
+    if weights not in ("pretrained", "random"):
+        raise ValueError(f"--weights must be 'pretrained' or 'random', got {weights!r}")
+    if library == "timm" and name:
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm model {name!r}")
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=weights == "pretrained")
+        return model.to(device=device, dtype=dtype).eval()
+    raise ValueError(f"model spec {spec!r}: expected timm:NAME (open_clip and hf models arrive with their tasks)")
+
+
+@dataclass
+class Timing:
+    seconds: list[float] = field(default_factory=list)
+    images: int = 0
+
+
+def _timed(call: Callable[[], torch.Tensor], device: str) -> tuple[torch.Tensor, float]:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    output = call()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return output, time.perf_counter() - start
+
+
+def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the evaluation; returns the summary (also written to ``config.out``)."""
+    task = get_task(config.task)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+    data = Path(config.data)
+    samples = task.samples(data)
+    if config.limit is not None:
+        samples = samples[:config.limit]
+    specs = [spec for spec in config.policies if spec.strip().lower() not in ("none", "unpruned")]
+    labels = [UNPRUNED] + [canonical(spec) for spec in specs]
+    directory = RunDirectory(config.out, config.resolved())
+    model = load_model(config.model, config.weights, config.device, dtype, config.seed)
+    handles = {}
+    traces: dict[str, Any] = {}
+    timings = {label: Timing() for label in labels}
+    batches = [samples[i:i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
+    bar = _progress(len(batches), progress)
+    with torch.inference_mode():
+        for batch in batches:
+            missing = [label for label in labels if any((label, s.id) not in directory.done for s in batch)]
+            if not missing:
+                bar.update(1)
+                continue
+            images, errors = task.inputs(model, batch)
+            if images is not None:
+                images = images.to(device=config.device, dtype=dtype)
+            reference, seconds = _timed(lambda: model(images), config.device) if images is not None else (None, 0.0)
+            if UNPRUNED in missing:
+                timings[UNPRUNED].seconds.append(seconds)
+                timings[UNPRUNED].images += len(batch)
+            outputs = {UNPRUNED: reference}
+            for label, spec in zip(labels[1:], specs):
+                if label not in missing or images is None:
+                    continue
+                policies = [vtprune.make_policy(part) for part in spec.split("+")]
+                handle = vtprune.apply(model, policies)
+                try:
+                    outputs[label], seconds = _timed(lambda: model(images), config.device)
+                    traces[label] = handle.trace
+                finally:
+                    handle.remove()
+                timings[label].seconds.append(seconds)
+                timings[label].images += len(batch)
+                handles[label] = policies
+            rows = []
+            for label in missing:
+                readable = 0
+                for sample, error in zip(batch, errors):
+                    if (label, sample.id) in directory.done:
+                        readable += error is None
+                        continue
+                    row: dict[str, Any] = {"configuration": label, "sample": sample.id, "label": sample.label,
+                                           "error": error}
+                    if error is None:
+                        row.update(task.score(outputs[label][readable].float(), reference[readable].float(), sample))
+                        readable += 1
+                    rows.append(row)
+            directory.append(rows)
+            bar.update(1)
+    bar.close()
+    summary = summarise(config, task, model, directory, labels, traces, timings, handles)
+    write_outputs(directory.path, summary, task)
+    return summary
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="vtprune eval", unit="batch", disable=not enabled, dynamic_ncols=True)
+
+
+def _environment(config: EvalConfig, model: nn.Module) -> dict[str, Any]:
+    import timm
+    import transformers
+
+    backends = sorted({"sdpa" if getattr(block.attn, "fused_attn", False) else "eager"
+                       for block in getattr(model, "blocks", [])}) or ["n/a"]
+    return {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__,
+            "vtprune": vtprune.__version__, "python": platform.python_version(), "device": config.device,
+            "dtype": config.dtype, "batch_size": config.batch_size, "attention_backend": "+".join(backends),
+            "cpu": platform.processor() or platform.machine()}
+
+
+def summarise(config, task, model, directory: RunDirectory, labels, traces, timings, handles) -> dict[str, Any]:
+    """Per configuration: metrics (raw and % of unpruned), errors, tokens, FLOPs, latency."""
+    rows_by_label: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    wanted = {label for label in labels}
+    for row in directory.rows:
+        if row["configuration"] in wanted:
+            rows_by_label[row["configuration"]].append(row)
+    entries = []
+    base_metrics = task.summarise(rows_by_label[UNPRUNED])
+    for label in labels:
+        rows = rows_by_label[label]
+        metrics = task.summarise(rows)
+        relative = {name: (100 * value / base_metrics[name] if base_metrics.get(name) else None)
+                    for name, value in metrics.items() if name in ("top1", "top5")}
+        entry: dict[str, Any] = {"configuration": label, "samples": len(rows),
+                                 "errors": sum(row.get("error") is not None for row in rows),
+                                 "metrics": metrics, "percent_of_unpruned": relative}
+        entry.update(_cost(model, label, traces.get(label), handles.get(label)))
+        timing = timings[label]
+        entry["latency_s_per_batch"] = statistics.median(timing.seconds) if timing.seconds else None
+        entry["latency_s_per_image"] = (sum(timing.seconds) / timing.images) if timing.images else None
+        entries.append(entry)
+    return {"config": config.resolved(), "environment": _environment(config, model), "task": task.name,
+            "results": entries}
+
+
+def _cost(model: nn.Module, label: str, trace: Any, policies: Any) -> dict[str, Any]:
+    schedule = trace if trace is not None else None
+    try:
+        costs = {name: flops.estimate(model, schedule=schedule, policy=policies, convention=name)
+                 for name in ("paper", "full")}
+    except (ValueError, TypeError, NotImplementedError) as error:
+        return {"flops": None, "flops_error": str(error)}
+    paper = costs["paper"]
+    tokens = [pair[0] for pair in paper.schedule.get("vision", ())]
+    return {"flops": {name: {"total": cost.total, "unit": cost.unit} for name, cost in costs.items()},
+            "tokens_final": paper.schedule["vision"][-1][1] if tokens else None,
+            "tokens_layer_mean": (sum(tokens) / len(tokens)) if tokens else None,
+            "measured_on": "trace of the last batch" if trace is not None else "config (unpruned)"}
+
+
+def write_outputs(path: Path, summary: dict[str, Any], task: Any) -> None:
+    write_atomic(path / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    metric_names = list(summary["results"][0]["metrics"]) if summary["results"] else []
+    writer.writerow(["configuration", "samples", "errors", *metric_names, "tokens_final", "tokens_layer_mean",
+                     "flops_paper", "flops_full", "latency_s_per_image"])
+    for entry in summary["results"]:
+        costs = entry.get("flops") or {}
+        writer.writerow([entry["configuration"], entry["samples"], entry["errors"],
+                         *[entry["metrics"][name] for name in metric_names], entry.get("tokens_final"),
+                         entry.get("tokens_layer_mean"), costs.get("paper", {}).get("total"),
+                         costs.get("full", {}).get("total"), entry.get("latency_s_per_image")])
+    write_atomic(path / "summary.csv", buffer.getvalue())
+    write_atomic(path / "report.md", format_report(summary))
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    config, environment = summary["config"], summary["environment"]
+    lines = [f"# vtprune eval: {config['task']} on {config['model']} ({config['weights']} weights)", "",
+             f"Data: `{config['data']}`; limit {config['limit']}; batch {environment['batch_size']}; "
+             f"{environment['dtype']} on {environment['device']} ({environment['cpu']}); attention "
+             f"{environment['attention_backend']}; torch {environment['torch']}, timm {environment['timm']}, "
+             f"transformers {environment['transformers']}, vtprune {environment['vtprune']}.", "",
+             "| configuration | samples | errors | top-1 % | top-5 % | top-1 % of unpruned | agreement % | KL | "
+             "final tokens | tokens/layer | GMACs/img [paper] | GFLOPs/img [full] | ms/img |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for entry in summary["results"]:
+        metrics, costs = entry["metrics"], entry.get("flops") or {}
+        per_image = entry.get("latency_s_per_image")
+        lines.append("| " + " | ".join([
+            entry["configuration"], str(entry["samples"]), str(entry["errors"]),
+            _number(100 * metrics["top1"] if metrics.get("top1") == metrics.get("top1") else None),
+            _number(100 * metrics["top5"] if metrics.get("top5") == metrics.get("top5") else None),
+            _number(entry["percent_of_unpruned"].get("top1")),
+            _number(100 * metrics["agreement"] if metrics.get("agreement") == metrics.get("agreement") else None),
+            _number(metrics.get("kl"), 4), str(entry.get("tokens_final", "-")),
+            _number(entry.get("tokens_layer_mean"), 1),
+            _number(costs["paper"]["total"] / 1e9 if costs else None),
+            _number(costs["full"]["total"] / 1e9 if costs else None),
+            _number(1000 * per_image if per_image else None, 1)]) + " |")
+    lines += ["", "top-1/top-5: accuracy over the readable samples; % of unpruned: the configuration's top-1 over "
+              "the unpruned model's in this run; agreement: share of samples whose top-1 equals the unpruned "
+              "model's; KL: mean KL(unpruned || configuration) of the class distributions. Tokens and FLOPs per "
+              "image from vtprune.flops with the trace of the last batch (paper: MACs of the blocks; full: FLOPs "
+              "of everything). Latency: wall clock per image, batches of the same run, unpruned first."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,124 @@
+"""The eval runner on a tiny ImageNet-style folder written here: rows, scores, fidelity, cost, report, resume."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vtprune
+from vtprune import flops
+from vtprune.evals import cli
+from vtprune.evals.results import IncompatibleRunError
+from vtprune.evals.runner import EvalConfig, run
+
+MODEL = "timm:vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir()
+        for index in range(5):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / name / f"{index}.png")
+    (root / "dog" / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+def config(data, out, **overrides):
+    values = dict(model=MODEL, task="classification", data=str(data), policies=("tome:r=8", "pitome:ratio=0.9"),
+                  out=str(out), batch_size=4, weights="random")
+    values.update(overrides)
+    return EvalConfig(**values)
+
+
+def rows_of(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end(data, tmp_path):
+    summary = run(config(data, tmp_path), progress=False)
+    rows = rows_of(tmp_path)
+    assert len(rows) == 3 * 11
+    results = {entry["configuration"]: entry for entry in summary["results"]}
+    assert list(results) == ["none (unpruned)", "tome:r=8", "pitome:ratio=0.9"]
+    for entry in results.values():
+        assert entry["samples"] == 11 and entry["errors"] == 1
+    broken = [row for row in rows if row["sample"] == "dog/broken.png"]
+    assert len(broken) == 3 and all(row["error"].startswith("UnidentifiedImageError") for row in broken)
+    unpruned = results["none (unpruned)"]["metrics"]
+    assert unpruned["agreement"] == 1.0 and unpruned["kl"] == 0.0
+    # tokens and FLOPs come from the trace and equal the policy's own analytic count
+    assert results["tome:r=8"]["tokens_final"] == 101 and results["none (unpruned)"]["tokens_final"] == 197
+    expected = flops.estimate("vit_tiny_patch16_224", policy="tome:r=8").total
+    assert results["tome:r=8"]["flops"]["paper"]["total"] == expected
+    assert results["pitome:ratio=0.9"]["flops"]["paper"]["total"] < results["tome:r=8"]["flops"]["paper"]["total"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| tome:r=8 | 11 | 1 |" in report and "random weights" in report
+    assert (tmp_path / "summary.csv").read_text().splitlines()[0].startswith("configuration,samples,errors,top1")
+
+
+def test_scores_are_the_models_own_predictions(data, tmp_path):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    run(config(data, tmp_path, policies=("tome:r=8",)), progress=False)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    transform = create_transform(**resolve_data_config({}, model=model))
+    rows = {(row["configuration"], row["sample"]): row for row in rows_of(tmp_path)}
+    with torch.inference_mode():
+        for label, name in enumerate(("cat", "dog")):
+            for index in range(5):
+                image = transform(Image.open(data / name / f"{index}.png").convert("RGB"))[None]
+                plain = model(image)[0]
+                with vtprune.applied(model, vtprune.ToMe(r=8)):
+                    merged = model(image)[0]
+                row = rows[("none (unpruned)", f"{name}/{index}.png")]
+                assert row["prediction"] == int(plain.argmax()) and row["top1"] == float(int(plain.argmax()) == label)
+                merged_row = rows[("tome:r=8", f"{name}/{index}.png")]
+                assert merged_row["agreement"] == float(int(merged.argmax()) == int(plain.argmax()))
+                kl = torch.nn.functional.kl_div(merged.double().log_softmax(-1), plain.double().log_softmax(-1),
+                                                log_target=True, reduction="sum")
+                assert merged_row["kl"] == pytest.approx(float(kl), rel=1e-3, abs=1e-6)
+
+
+def test_an_interrupted_run_resumes_without_loss_or_duplicates(data, tmp_path):
+    whole = tmp_path / "whole"
+    run(config(data, whole), progress=False)
+    parts = tmp_path / "parts"
+    run(config(data, parts, limit=4), progress=False)  # the first batch only
+    lines = (parts / "results.jsonl").read_text().splitlines()
+    (parts / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # killed mid-write
+    run(config(data, parts), progress=False)
+    key = lambda row: (row["configuration"], row["sample"])  # noqa: E731
+    resumed, reference = sorted(rows_of(parts), key=key), sorted(rows_of(whole), key=key)
+    assert [key(row) for row in resumed] == [key(row) for row in reference]  # nothing lost, nothing twice
+    for a, b in zip(resumed, reference):
+        assert a["prediction"] == b["prediction"] if "prediction" in b else a["error"] == b["error"]
+
+
+def test_a_different_configuration_is_refused_and_errors_are_one_line(data, tmp_path, capsys):
+    run(config(data, tmp_path, policies=("tome:r=8",)), progress=False)
+    with pytest.raises(IncompatibleRunError, match="differs in policies"):
+        run(config(data, tmp_path, policies=("tome:r=4",)), progress=False)
+    base = ["eval", "--model", MODEL, "--weights", "random", "--data", str(data), "--out", str(tmp_path / "x"),
+            "--quiet"]
+    for extra, message in ((["--task", "nope"], "unknown task 'nope'; tasks: classification"),
+                           (["--task", "classification", "--policies", "tomme:r=2"], "unknown policy 'tomme'"),
+                           (["--task", "classification", "--data", str(tmp_path / "missing")], "is not a directory")):
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+
+
+def test_yaml_configuration(data, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {MODEL}\ntask: classification\ndata: {data}\nweights: random\nbatch_size: 8\n"
+                    f"policies: [tome:r=16]\nout: {tmp_path / 'out'}\nlimit: 6\n")
+    assert cli.main(["eval", "--config", str(path), "--quiet"]) == 0
+    assert "| tome:r=16 | 6 |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["policies"] == ["tome:r=16"] and saved["batch_size"] == 8
