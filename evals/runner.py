@@ -3,7 +3,8 @@
 For every batch of samples the unpruned model runs first, then each configuration; each configuration's
 outputs are scored against the labels and against the unpruned outputs of the same batch (fidelity).
 Rows go to ``DIR/results.jsonl`` as batches finish (resumable, see :mod:`.results`); at the end
-``DIR/summary.json``, ``DIR/summary.csv`` and ``DIR/report.md`` are written, with per configuration the
+``DIR/summary.json``, ``DIR/summary.csv``, ``DIR/report.md`` and PNG plots (:mod:`.plots`) are written,
+with per configuration the
 task's metrics (raw and as % of unpruned), tokens (retained and layer-averaged), FLOPs in both
 conventions (``vtprune.flops`` from the trace), latency per batch, and the environment.
 """
@@ -212,6 +213,7 @@ def _cost(model: nn.Module, label: str, trace: Any, policies: Any) -> dict[str, 
     paper = costs["paper"]
     tokens = [pair[0] for pair in paper.schedule.get("vision", ())]
     return {"flops": {name: {"total": cost.total, "unit": cost.unit} for name, cost in costs.items()},
+            "tokens_per_layer": tokens,
             "tokens_final": paper.schedule["vision"][-1][1] if tokens else None,
             "tokens_layer_mean": (sum(tokens) / len(tokens)) if tokens else None,
             "measured_on": "trace of the last batch" if trace is not None else "config (unpruned)"}
@@ -232,6 +234,9 @@ def write_outputs(path: Path, summary: dict[str, Any], task: Any) -> None:
                          costs.get("full", {}).get("total"), entry.get("latency_s_per_image")])
     write_atomic(path / "summary.csv", buffer.getvalue())
     write_atomic(path / "report.md", format_report(summary))
+    from .plots import write_plots
+
+    write_plots(path, summary, "top1", "top-1 accuracy")
 
 
 def _number(value: Any, digits: int = 2) -> str:

@@ -58,6 +58,17 @@ def test_end_to_end(data, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| tome:r=8 | 11 | 1 |" in report and "random weights" in report
     assert (tmp_path / "summary.csv").read_text().splitlines()[0].startswith("configuration,samples,errors,top1")
+    for name in ("accuracy_vs_flops.png", "accuracy_vs_latency.png", "tokens_per_layer.png"):
+        with Image.open(tmp_path / name) as plot:
+            assert plot.size[0] > 400 and plot.size[1] > 300
+    assert results["tome:r=8"]["tokens_per_layer"] == [197 - 8 * layer for layer in range(12)]
+
+
+def test_pareto_front():
+    from vtprune.evals.plots import pareto_front
+
+    points = [(10.0, 80.0, "a"), (5.0, 79.0, "b"), (6.0, 70.0, "c"), (3.0, 60.0, "d"), (12.0, 80.0, "e")]
+    assert [label for *_, label in pareto_front(points)] == ["d", "b", "a"]
 
 
 def test_scores_are_the_models_own_predictions(data, tmp_path):
