@@ -28,16 +28,21 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class RunDirectory:
-    def __init__(self, path: str | Path, config: dict[str, Any]):
+    """``rows_name``: the rows file (``results.jsonl``; each process of a data-parallel run keeps its own
+    ``results.rank<N>.jsonl``, merged at the end). ``write_config``: whether this process writes
+    ``config.json`` (every process checks it)."""
+
+    def __init__(self, path: str | Path, config: dict[str, Any], rows_name: str = "results.jsonl",
+                 write_config: bool = True):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.config = config
-        self._check_config()
-        self.rows_path = self.path / "results.jsonl"
+        self._check_config(write_config)
+        self.rows_path = self.path / rows_name
         self.rows: list[dict[str, Any]] = self._read_rows()
         self.done = {(row["configuration"], row["sample"]) for row in self.rows}
 
-    def _check_config(self) -> None:
+    def _check_config(self, write: bool) -> None:
         path = self.path / "config.json"
         if path.exists():
             previous = json.loads(path.read_text())
@@ -47,7 +52,8 @@ class RunDirectory:
                 raise IncompatibleRunError(
                     f"{self.path} holds a run with a different configuration (differs in {', '.join(differing)}); "
                     "use another --out directory, or rerun with the same settings to resume")
-        write_atomic(path, json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        if write:
+            write_atomic(path, json.dumps(self.config, indent=2, sort_keys=True) + "\n")
 
     def _read_rows(self) -> list[dict[str, Any]]:
         if not self.rows_path.exists():
@@ -71,3 +77,22 @@ class RunDirectory:
             os.fsync(handle.fileno())
         self.rows.extend(rows)
         self.done.update((row["configuration"], row["sample"]) for row in rows)
+
+
+def merge_rows(path: Path, names: list[str], order: dict[tuple[str, str], int]) -> list[dict[str, Any]]:
+    """Gather the rows of several files (a data-parallel run's ranks) into ``results.jsonl``, each
+    (configuration, sample) once, in ``order``; returns them."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for name in ["results.jsonl", *names]:
+        file = path / name
+        if not file.exists():
+            continue
+        for line in file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[(row["configuration"], row["sample"])] = row
+    merged = sorted(rows.values(), key=lambda row: order.get((row["configuration"], row["sample"]), len(order)))
+    write_atomic(path / "results.jsonl", "".join(json.dumps(row, sort_keys=True) + "\n" for row in merged))
+    return merged

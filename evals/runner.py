@@ -7,10 +7,15 @@ Rows go to ``DIR/results.jsonl`` as batches finish (resumable, see :mod:`.result
 with per configuration the
 task's metrics (raw and as % of unpruned), tokens (retained and layer-averaged), FLOPs in both
 conventions (``vtprune.flops`` from the trace), latency per batch, and the environment.
+
+Data-parallel: under ``accelerate launch`` or ``torchrun`` each process takes every ``N``-th sample, keeps
+its own ``results.rank<i>.jsonl``, and process 0 merges them into ``results.jsonl`` (in sample order)
+and writes the summary once.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -27,7 +32,7 @@ from torch import nn
 import vtprune
 from vtprune import flops
 
-from .results import RunDirectory, write_atomic
+from .results import RunDirectory, merge_rows, write_atomic
 from .tasks import get_task
 
 UNPRUNED = "none (unpruned)"
@@ -104,7 +109,16 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         samples = samples[:config.limit]
     specs = [spec for spec in config.policies if spec.strip().lower() not in ("none", "unpruned")]
     labels = [UNPRUNED] + [canonical(spec) for spec in specs]
-    directory = RunDirectory(config.out, config.resolved())
+    rank, world, barrier = _processes()
+    order = {(label, sample.id): index for index, (label, sample) in
+             enumerate((label, sample) for label in labels for sample in samples)}
+    samples = samples[rank::world]
+    rows_name = "results.jsonl" if world == 1 else f"results.rank{rank}.jsonl"
+    directory = RunDirectory(config.out, config.resolved(), rows_name=rows_name, write_config=rank == 0)
+    if world > 1 and config.device == "cuda":  # one GPU per process
+        import os
+
+        config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     model = load_model(config.model, config.weights, config.device, dtype, config.seed)
     handles = {}
     traces: dict[str, Any] = {}
@@ -154,9 +168,35 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             directory.append(rows)
             bar.update(1)
     bar.close()
+    if world > 1:
+        barrier()
+        if rank != 0:
+            barrier()
+            return json.loads((directory.path / "summary.json").read_text())
+    # results.jsonl in configuration-then-sample order, whatever order batches and processes produced
+    merged = merge_rows(directory.path, [f"results.rank{r}.jsonl" for r in range(world)] if world > 1 else [],
+                        order)
+    directory.rows = [row for row in merged if (row["configuration"], row["sample"]) in order]  # this run's samples
     summary = summarise(config, task, model, directory, labels, traces, timings, handles)
+    summary["processes"] = world
     write_outputs(directory.path, summary, task)
+    if world > 1:
+        barrier()
     return summary
+
+
+def _processes() -> tuple[int, int, Callable[[], None]]:
+    """``(rank, world size, barrier)`` under ``accelerate launch`` or ``torchrun`` (their ``WORLD_SIZE`` /
+    ``RANK`` environment, a gloo or NCCL process group); ``(0, 1, no-op)`` otherwise."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier
 
 
 def _progress(total: int, enabled: bool):

@@ -111,6 +111,13 @@ def test_an_interrupted_run_resumes_without_loss_or_duplicates(data, tmp_path):
         assert a["prediction"] == b["prediction"] if "prediction" in b else a["error"] == b["error"]
 
 
+def test_a_smaller_limit_reports_only_its_samples(data, tmp_path):
+    run(config(data, tmp_path, policies=("tome:r=8",)), progress=False)
+    summary = run(config(data, tmp_path, policies=("tome:r=8",), limit=4), progress=False)
+    assert [entry["samples"] for entry in summary["results"]] == [4, 4]
+    assert len(rows_of(tmp_path)) == 2 * 11  # the rows of the longer run are kept
+
+
 def test_a_different_configuration_is_refused_and_errors_are_one_line(data, tmp_path, capsys):
     run(config(data, tmp_path, policies=("tome:r=8",)), progress=False)
     with pytest.raises(IncompatibleRunError, match="differs in policies"):
@@ -133,3 +140,30 @@ def test_yaml_configuration(data, tmp_path, capsys):
     assert "| tome:r=16 | 6 |" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["policies"] == ["tome:r=16"] and saved["batch_size"] == 8
+
+
+def test_two_processes_give_the_single_process_results(data, tmp_path):
+    """torchrun / accelerate launch: samples sharded over 2 CPU processes, rows gathered once."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    single = tmp_path / "single"
+    run(config(data, single), progress=False)
+    parallel = tmp_path / "parallel"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "vtprune.evals", "eval", "--model", MODEL, "--weights", "random", "--task", "classification",
+               "--data", str(data), "--out", str(parallel), "--batch-size", "4", "--quiet",
+               "--policies", "tome:r=8", "pitome:ratio=0.9"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((parallel / "summary.json").read_text())["processes"] == 2
+    one, two = rows_of(single), rows_of(parallel)
+    assert [(row["configuration"], row["sample"]) for row in one] == [(row["configuration"], row["sample"]) for row in two]
+    for a, b in zip(one, two):
+        assert a.get("prediction") == b.get("prediction") and a.get("top5") == b.get("top5")
+        assert a.get("error") == b.get("error")
+        assert a.get("kl", 0.0) == pytest.approx(b.get("kl", 0.0), abs=1e-6)
