@@ -80,7 +80,19 @@ def load_model(spec: str, weights: str, device: str, dtype: torch.dtype, seed: i
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=weights == "pretrained")
         return model.to(device=device, dtype=dtype).eval()
-    raise ValueError(f"model spec {spec!r}: expected timm:NAME (open_clip and hf models arrive with their tasks)")
+    if library == "open_clip" and name:
+        import open_clip
+
+        architecture, _, tag = name.partition("/")
+        if architecture not in open_clip.list_models():
+            raise ValueError(f"unknown open_clip architecture {architecture!r} (open_clip.list_models())")
+        if weights == "pretrained" and not tag:
+            raise ValueError(f"open_clip:{name}: name the pretrained weights, e.g. open_clip:{architecture}/openai "
+                             "(open_clip.list_pretrained()), or pass --weights random")
+        torch.manual_seed(seed)
+        model = open_clip.create_model(architecture, pretrained=tag if weights == "pretrained" else None)
+        return model.to(device=device, dtype=dtype).eval()
+    raise ValueError(f"model spec {spec!r}: expected timm:NAME or open_clip:ARCH/PRETRAINED")
 
 
 @dataclass
@@ -120,6 +132,8 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
 
         config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     model = load_model(config.model, config.weights, config.device, dtype, config.seed)
+    task.prepare(model, data, config.model)
+    target = task.target(model)
     handles = {}
     traces: dict[str, Any] = {}
     timings = {label: Timing() for label in labels}
@@ -134,7 +148,8 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             images, errors = task.inputs(model, batch)
             if images is not None:
                 images = images.to(device=config.device, dtype=dtype)
-            reference, seconds = _timed(lambda: model(images), config.device) if images is not None else (None, 0.0)
+            reference, seconds = (_timed(lambda: task.forward(model, images), config.device) if images is not None
+                                  else (None, 0.0))
             if UNPRUNED in missing:
                 timings[UNPRUNED].seconds.append(seconds)
                 timings[UNPRUNED].images += len(batch)
@@ -143,9 +158,9 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 if label not in missing or images is None:
                     continue
                 policies = [vtprune.make_policy(part) for part in spec.split("+")]
-                handle = vtprune.apply(model, policies)
+                handle = vtprune.apply(target, policies)
                 try:
-                    outputs[label], seconds = _timed(lambda: model(images), config.device)
+                    outputs[label], seconds = _timed(lambda: task.forward(model, images), config.device)
                     traces[label] = handle.trace
                 finally:
                     handle.remove()
@@ -177,7 +192,7 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     merged = merge_rows(directory.path, [f"results.rank{r}.jsonl" for r in range(world)] if world > 1 else [],
                         order)
     directory.rows = [row for row in merged if (row["configuration"], row["sample"]) in order]  # this run's samples
-    summary = summarise(config, task, model, directory, labels, traces, timings, handles)
+    summary = summarise(config, task, target, directory, labels, traces, timings, handles)
     summary["processes"] = world
     write_outputs(directory.path, summary, task)
     if world > 1:
@@ -209,11 +224,16 @@ def _environment(config: EvalConfig, model: nn.Module) -> dict[str, Any]:
     import timm
     import transformers
 
+    import open_clip
+
     backends = sorted({"sdpa" if getattr(block.attn, "fused_attn", False) else "eager"
-                       for block in getattr(model, "blocks", [])}) or ["n/a"]
+                       for block in getattr(model, "blocks", [])})
+    if not backends and hasattr(getattr(model, "transformer", None), "resblocks"):
+        backends = ["nn.MultiheadAttention"]
     return {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__,
+            "open_clip": open_clip.__version__,
             "vtprune": vtprune.__version__, "python": platform.python_version(), "device": config.device,
-            "dtype": config.dtype, "batch_size": config.batch_size, "attention_backend": "+".join(backends),
+            "dtype": config.dtype, "batch_size": config.batch_size, "attention_backend": "+".join(backends or ["n/a"]),
             "cpu": platform.processor() or platform.machine()}
 
 

@@ -2,7 +2,8 @@
 scores one output against its label and against the unpruned model's output (fidelity), and summarises.
 
 Shipped: ``classification`` (timm models on an ImageNet-style folder: top-1 / top-5, agreement with the
-unpruned model's top-1, KL(unpruned || pruned) of the class distributions).
+unpruned model's top-1, KL(unpruned || pruned) of the class distributions) and ``zeroshot`` (the same
+for open_clip models, CLIP zero-shot from the folder names).
 """
 from __future__ import annotations
 
@@ -84,6 +85,17 @@ class ClassificationTask:
                 errors.append(f"{type(error).__name__}: {error}")
         return (torch.stack(tensors) if tensors else None), errors
 
+    def target(self, model: Any) -> Any:
+        """The module policies are applied to."""
+        return model
+
+    def forward(self, model: Any, images: torch.Tensor) -> torch.Tensor:
+        """Class scores ``[B, classes]`` for a batch."""
+        return model(images)
+
+    def prepare(self, model: Any, data: Path, spec: str) -> None:
+        """Per-run preparation before the first batch (nothing for a classifier); ``spec`` is the model spec."""
+
     def score(self, output: torch.Tensor, reference: torch.Tensor, sample: Sample) -> dict[str, Any]:
         top5 = output.topk(min(5, output.shape[-1])).indices.tolist()
         log_p, log_q = reference.double().log_softmax(-1), output.double().log_softmax(-1)
@@ -99,7 +111,46 @@ class ClassificationTask:
         return {"top1": mean("top1"), "top5": mean("top5_hit"), "agreement": mean("agreement"), "kl": mean("kl")}
 
 
-TASKS: dict[str, Task] = {"classification": ClassificationTask()}
+class ZeroShotTask(ClassificationTask):
+    """CLIP zero-shot classification (open_clip models) on an ImageNet-style folder: the class names are the
+    sub-folder names (``_`` read as a space), each turned into the prompt ``"a photo of a {name}."``; the
+    class scores are ``logit_scale · cos(image, prompt)`` (CLIP's). Policies apply to the image tower
+    (``model.visual``); the text tower is unchanged and its embeddings are computed once per run."""
+
+    name = "zeroshot"
+    families = ("open_clip-vit",)
+    template = "a photo of a {}."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: "weakref.WeakKeyDictionary[Any, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+    def _transform(self, model: Any) -> Callable:
+        if model not in self._transforms:
+            import open_clip
+
+            self._transforms[model] = open_clip.image_transform(model.visual.image_size, is_train=False)
+        return self._transforms[model]
+
+    def target(self, model: Any) -> Any:
+        return model.visual
+
+    def prepare(self, model: Any, data: Path, spec: str) -> None:
+        import open_clip
+
+        names = [entry.name.replace("_", " ") for entry in sorted(data.iterdir()) if entry.is_dir()]
+        tokenizer = open_clip.get_tokenizer(spec.partition(":")[2].partition("/")[0])
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            text = model.encode_text(tokenizer([self.template.format(name) for name in names]).to(device))
+        self._classes[model] = torch.nn.functional.normalize(text.float(), dim=-1)
+
+    def forward(self, model: Any, images: torch.Tensor) -> torch.Tensor:
+        features = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
+        return model.logit_scale.exp().float() * features @ self._classes[model].T
+
+
+TASKS: dict[str, Task] = {"classification": ClassificationTask(), "zeroshot": ZeroShotTask()}
 
 
 def get_task(name: str) -> Task:

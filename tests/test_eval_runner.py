@@ -167,3 +167,27 @@ def test_two_processes_give_the_single_process_results(data, tmp_path):
         assert a.get("prediction") == b.get("prediction") and a.get("top5") == b.get("top5")
         assert a.get("error") == b.get("error")
         assert a.get("kl", 0.0) == pytest.approx(b.get("kl", 0.0), abs=1e-6)
+
+
+def test_clip_zero_shot_on_open_clip(data, tmp_path):
+    import open_clip
+
+    summary = run(EvalConfig(model="open_clip:ViT-B-32", task="zeroshot", data=str(data), policies=("tome:r=4",),
+                             out=str(tmp_path), batch_size=4, weights="random"), progress=False)
+    results = {entry["configuration"]: entry for entry in summary["results"]}
+    assert results["none (unpruned)"]["metrics"]["agreement"] == 1.0 and results["tome:r=4"]["errors"] == 1
+    assert results["none (unpruned)"]["tokens_final"] == 50 and results["tome:r=4"]["tokens_final"] == 4
+    assert summary["environment"]["attention_backend"] == "nn.MultiheadAttention"
+    # the unpruned prediction is CLIP's own zero-shot answer over the folder names
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    transform = open_clip.image_transform(model.visual.image_size, is_train=False)
+    rows = {(row["configuration"], row["sample"]): row for row in rows_of(tmp_path)}
+    with torch.inference_mode():
+        text = torch.nn.functional.normalize(model.encode_text(tokenizer(["a photo of a cat.", "a photo of a dog."])),
+                                             dim=-1)
+        for name in ("cat", "dog"):
+            image = transform(Image.open(data / name / "0.png").convert("RGB"))[None]
+            scores = torch.nn.functional.normalize(model.encode_image(image), dim=-1) @ text.T
+            assert rows[("none (unpruned)", f"{name}/0.png")]["prediction"] == int(scores.argmax())
