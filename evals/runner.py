@@ -250,7 +250,7 @@ def summarise(config, task, model, directory: RunDirectory, labels, traces, timi
         rows = rows_by_label[label]
         metrics = task.summarise(rows)
         relative = {name: (100 * value / base_metrics[name] if base_metrics.get(name) else None)
-                    for name, value in metrics.items() if name in ("top1", "top5")}
+                    for name, value in metrics.items() if name in task.relative}
         entry: dict[str, Any] = {"configuration": label, "samples": len(rows),
                                  "errors": sum(row.get("error") is not None for row in rows),
                                  "metrics": metrics, "percent_of_unpruned": relative}
@@ -293,10 +293,10 @@ def write_outputs(path: Path, summary: dict[str, Any], task: Any) -> None:
                          entry.get("tokens_layer_mean"), costs.get("paper", {}).get("total"),
                          costs.get("full", {}).get("total"), entry.get("latency_s_per_image")])
     write_atomic(path / "summary.csv", buffer.getvalue())
-    write_atomic(path / "report.md", format_report(summary))
+    write_atomic(path / "report.md", format_report(summary, task))
     from .plots import write_plots
 
-    write_plots(path, summary, "top1", "top-1 accuracy")
+    write_plots(path, summary, task.columns[0][0], task.columns[0][1].removesuffix(" %"))
 
 
 def _number(value: Any, digits: int = 2) -> str:
@@ -305,33 +305,38 @@ def _number(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def format_report(summary: dict[str, Any]) -> str:
+def format_report(summary: dict[str, Any], task: Any = None) -> str:
+    """The Markdown report: the task's metric columns (``task.columns``: key, title, scale, digits), the
+    primary metric as % of unpruned, tokens, FLOPs and latency."""
+    from .tasks import get_task
+
+    task = task or get_task(summary["task"])
     config, environment = summary["config"], summary["environment"]
+    columns = task.columns
+    primary_title = columns[0][1]
     lines = [f"# vtprune eval: {config['task']} on {config['model']} ({config['weights']} weights)", "",
              f"Data: `{config['data']}`; limit {config['limit']}; batch {environment['batch_size']}; "
              f"{environment['dtype']} on {environment['device']} ({environment['cpu']}); attention "
              f"{environment['attention_backend']}; torch {environment['torch']}, timm {environment['timm']}, "
-             f"transformers {environment['transformers']}, vtprune {environment['vtprune']}.", "",
-             "| configuration | samples | errors | top-1 % | top-5 % | top-1 % of unpruned | agreement % | KL | "
-             "final tokens | tokens/layer | GMACs/img [paper] | GFLOPs/img [full] | ms/img |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"open_clip {environment.get('open_clip')}, transformers {environment['transformers']}, "
+             f"vtprune {environment['vtprune']}.", "",
+             "| configuration | samples | errors | " + " | ".join(title for _, title, _, _ in columns)
+             + f" | {primary_title} as % of unpruned | final tokens | tokens/layer | GMACs/img [paper] | "
+             "GFLOPs/img [full] | ms/img |",
+             "|---|" + "---:|" * (len(columns) + 9)]
     for entry in summary["results"]:
         metrics, costs = entry["metrics"], entry.get("flops") or {}
         per_image = entry.get("latency_s_per_image")
+        values = [_number(scale * metrics[key] if metrics.get(key) == metrics.get(key) and key in metrics
+                          else None, digits) for key, _, scale, digits in columns]
         lines.append("| " + " | ".join([
-            entry["configuration"], str(entry["samples"]), str(entry["errors"]),
-            _number(100 * metrics["top1"] if metrics.get("top1") == metrics.get("top1") else None),
-            _number(100 * metrics["top5"] if metrics.get("top5") == metrics.get("top5") else None),
-            _number(entry["percent_of_unpruned"].get("top1")),
-            _number(100 * metrics["agreement"] if metrics.get("agreement") == metrics.get("agreement") else None),
-            _number(metrics.get("kl"), 4), str(entry.get("tokens_final", "-")),
+            entry["configuration"], str(entry["samples"]), str(entry["errors"]), *values,
+            _number(entry["percent_of_unpruned"].get(columns[0][0])), str(entry.get("tokens_final", "-")),
             _number(entry.get("tokens_layer_mean"), 1),
             _number(costs["paper"]["total"] / 1e9 if costs else None),
             _number(costs["full"]["total"] / 1e9 if costs else None),
             _number(1000 * per_image if per_image else None, 1)]) + " |")
-    lines += ["", "top-1/top-5: accuracy over the readable samples; % of unpruned: the configuration's top-1 over "
-              "the unpruned model's in this run; agreement: share of samples whose top-1 equals the unpruned "
-              "model's; KL: mean KL(unpruned || configuration) of the class distributions. Tokens and FLOPs per "
-              "image from vtprune.flops with the trace of the last batch (paper: MACs of the blocks; full: FLOPs "
-              "of everything). Latency: wall clock per image, batches of the same run, unpruned first."]
+    lines += ["", task.report_note + " Tokens and FLOPs per image from vtprune.flops with the trace of the last "
+              "batch (paper: MACs of the blocks; full: FLOPs of everything). Latency: wall clock per image, "
+              "batches of the same run, unpruned first."]
     return "\n".join(lines) + "\n"

@@ -19,9 +19,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".ti
 
 @dataclass(frozen=True)
 class Sample:
+    """One image: ``id`` (its path relative to the data), ``label`` (class index, or the image's index),
+    ``texts`` (its captions, for retrieval)."""
+
     id: str
     path: Path
     label: int
+    texts: tuple[str, ...] = ()
 
 
 class Task(Protocol):
@@ -45,6 +49,12 @@ class ClassificationTask:
     name = "classification"
     families = ("timm-vit",)
     metrics = ("top1", "top5", "agreement", "kl")
+    columns = (("top1", "top-1 %", 100, 2), ("top5", "top-5 %", 100, 2), ("agreement", "agreement %", 100, 2),
+               ("kl", "KL", 1, 4))
+    relative = ("top1", "top5")
+    report_note = ("top-1/top-5: accuracy over the readable samples; % of unpruned: over the unpruned model's in "
+                   "this run; agreement: share of samples whose top-1 equals the unpruned model's; KL: mean "
+                   "KL(unpruned || configuration) of the class distributions.")
 
     def samples(self, data: Path) -> list[Sample]:
         if not data.is_dir():
@@ -150,7 +160,93 @@ class ZeroShotTask(ClassificationTask):
         return model.logit_scale.exp().float() * features @ self._classes[model].T
 
 
-TASKS: dict[str, Task] = {"classification": ClassificationTask(), "zeroshot": ZeroShotTask()}
+class RetrievalTask(ZeroShotTask):
+    """CLIP image-text retrieval (open_clip models) from a JSONL file, one image per line:
+    ``{"image": "path relative to the file", "captions": ["...", ...]}`` (Flickr30k / COCO Karpathy-style
+    test splits). Image→text R@k: an image is right when one of its own captions is among the ``k``
+    captions closest to it; text→image R@k: a caption is right when its image is among the ``k`` closest
+    images (cosine of the normalised embeddings). Policies apply to ``model.visual``; the captions are
+    embedded once. Fidelity: mean cosine between each image's pruned and unpruned embedding. Images that
+    cannot be read are left out of both directions (their captions too), and counted as errors."""
+
+    name = "retrieval"
+    metrics = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "fidelity")
+    columns = (("i2t_r1", "I→T R@1 %", 100, 2), ("i2t_r5", "I→T R@5 %", 100, 2), ("i2t_r10", "I→T R@10 %", 100, 2),
+               ("t2i_r1", "T→I R@1 %", 100, 2), ("t2i_r5", "T→I R@5 %", 100, 2), ("t2i_r10", "T→I R@10 %", 100, 2),
+               ("fidelity", "cos to unpruned", 1, 4))
+    relative = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+    report_note = ("R@k: image→text, an image is right when one of its captions is among the k closest; "
+                   "text→image, a caption is right when its image is among the k closest; % of unpruned: of the "
+                   "unpruned model's I→T R@1 in this run; cos to unpruned: mean cosine between each image's pruned "
+                   "and unpruned embedding.")
+
+    def samples(self, data: Path) -> list[Sample]:
+        import json
+
+        if not data.is_file():
+            raise FileNotFoundError(f"retrieval data {data} is not a file; expected a JSONL file with one "
+                                    '{"image": ..., "captions": [...]} object per line')
+        samples = []
+        for number, line in enumerate(data.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                captions = item.get("captions", item.get("caption"))
+                captions = (captions,) if isinstance(captions, str) else tuple(captions)
+                samples.append(Sample(id=item["image"], path=data.parent / item["image"], label=len(samples),
+                                      texts=captions))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{data}:{number + 1}: expected {{\"image\": ..., \"captions\": [...]}}, "
+                                 f"got {line[:80]!r} ({error})") from None
+        return samples
+
+    def prepare(self, model: Any, data: Path, spec: str) -> None:
+        import open_clip
+
+        samples = self.samples(data)
+        captions = [text for sample in samples for text in sample.texts]
+        owners = torch.tensor([sample.label for sample in samples for _ in sample.texts])
+        tokenizer = open_clip.get_tokenizer(spec.partition(":")[2].partition("/")[0])
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            text = model.encode_text(tokenizer(captions).to(device))
+        self._current = (torch.nn.functional.normalize(text.float(), dim=-1).cpu(), owners)
+
+    def forward(self, model: Any, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
+
+    def score(self, output: torch.Tensor, reference: torch.Tensor, sample: Sample) -> dict[str, Any]:
+        return {"embedding": [round(value, 7) for value in output.tolist()],
+                "fidelity": float(torch.nn.functional.cosine_similarity(output, reference, dim=0))}
+
+    def summarise(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        scored = sorted((row for row in rows if row.get("error") is None), key=lambda row: row["label"])
+        if not scored:
+            return {name: float("nan") for name in self.metrics}
+        text, owners = self._current
+        images = torch.tensor([row["embedding"] for row in scored])
+        present = torch.tensor([row["label"] for row in scored])
+        keep = torch.isin(owners, present)
+        text, owners = text[keep], owners[keep]
+        similarity = images @ text.T  # [images, captions]
+        owner_slot = (owners[:, None] == present[None, :]).float().argmax(1)  # caption -> its image's row
+        own = owner_slot[None, :] == torch.arange(len(present))[:, None]  # [images, captions]
+        best_own = similarity.masked_fill(~own, float("-inf")).amax(1)
+        image_rank = (similarity > best_own[:, None]).sum(1)
+        caption_scores = similarity.T  # [captions, images]
+        own_score = caption_scores.gather(1, owner_slot[:, None])
+        caption_rank = (caption_scores > own_score).sum(1)
+        metrics = {}
+        for k in (1, 5, 10):
+            metrics[f"i2t_r{k}"] = float((image_rank < k).float().mean())
+            metrics[f"t2i_r{k}"] = float((caption_rank < k).float().mean())
+        metrics["fidelity"] = sum(row["fidelity"] for row in scored) / len(scored)
+        return metrics
+
+
+TASKS: dict[str, Task] = {"classification": ClassificationTask(), "zeroshot": ZeroShotTask(),
+                          "retrieval": RetrievalTask()}
 
 
 def get_task(name: str) -> Task:

@@ -191,3 +191,39 @@ def test_clip_zero_shot_on_open_clip(data, tmp_path):
             image = transform(Image.open(data / name / "0.png").convert("RGB"))[None]
             scores = torch.nn.functional.normalize(model.encode_image(image), dim=-1) @ text.T
             assert rows[("none (unpruned)", f"{name}/0.png")]["prediction"] == int(scores.argmax())
+
+
+def test_clip_retrieval_recalls_by_hand(tmp_path):
+    import open_clip
+
+    rng = np.random.default_rng(1)
+    lines = []
+    for index in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+        lines.append(json.dumps({"image": f"{index}.png", "captions": [f"picture {index}", f"view number {index}"]}))
+    lines.append(json.dumps({"image": "missing.png", "captions": ["nothing here"]}))
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    summary = run(EvalConfig(model="open_clip:ViT-B-32", task="retrieval", data=str(tmp_path / "test.jsonl"),
+                             policies=("tome:r=4",), out=str(tmp_path / "out"), batch_size=4, weights="random"),
+                  progress=False)
+    results = {entry["configuration"]: entry for entry in summary["results"]}
+    assert results["none (unpruned)"]["errors"] == 1
+    assert results["none (unpruned)"]["metrics"]["fidelity"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.5 < results["tome:r=4"]["metrics"]["fidelity"] < 1.0
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    transform = open_clip.image_transform(model.visual.image_size, is_train=False)
+    with torch.inference_mode():
+        images = torch.stack([transform(Image.open(tmp_path / f"{i}.png").convert("RGB")) for i in range(6)])
+        image = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        captions = [f"picture {i}" for i in range(6)] + [f"view number {i}" for i in range(6)]
+        owner = list(range(6)) * 2
+        text = torch.nn.functional.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+    similarity = image @ text.T
+    for k in (1, 5, 10):
+        i2t = sum(any(owner[j] == i for j in similarity[i].topk(k).indices.tolist()) for i in range(6)) / 6
+        t2i = sum(owner[j] in similarity[:, j].topk(min(k, 6)).indices.tolist() for j in range(12)) / 12
+        assert results["none (unpruned)"]["metrics"][f"i2t_r{k}"] == pytest.approx(i2t)
+        assert results["none (unpruned)"]["metrics"][f"t2i_r{k}"] == pytest.approx(t2i)
+    assert "I→T R@1 %" in (tmp_path / "out" / "report.md").read_text()
