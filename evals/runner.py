@@ -92,7 +92,16 @@ def load_model(spec: str, weights: str, device: str, dtype: torch.dtype, seed: i
         torch.manual_seed(seed)
         model = open_clip.create_model(architecture, pretrained=tag if weights == "pretrained" else None)
         return model.to(device=device, dtype=dtype).eval()
-    raise ValueError(f"model spec {spec!r}: expected timm:NAME or open_clip:ARCH/PRETRAINED")
+    if library == "hf" and name:
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        if weights == "random":
+            torch.manual_seed(seed)
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(name))
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(name)
+        return model.to(device=device, dtype=dtype).eval()
+    raise ValueError(f"model spec {spec!r}: expected timm:NAME, open_clip:ARCH/PRETRAINED or hf:PATH_OR_ID")
 
 
 @dataclass
@@ -146,8 +155,11 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 bar.update(1)
                 continue
             images, errors = task.inputs(model, batch)
-            if images is not None:
+            if isinstance(images, torch.Tensor):
                 images = images.to(device=config.device, dtype=dtype)
+            elif images is not None:  # a processor's batch (input ids, pixel values, ...)
+                images = {key: (value.to(config.device, dtype=dtype) if value.is_floating_point()
+                                else value.to(config.device)) for key, value in images.items()}
             reference, seconds = (_timed(lambda: task.forward(model, images), config.device) if images is not None
                                   else (None, 0.0))
             if UNPRUNED in missing:
@@ -177,7 +189,7 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                     row: dict[str, Any] = {"configuration": label, "sample": sample.id, "label": sample.label,
                                            "error": error}
                     if error is None:
-                        row.update(task.score(outputs[label][readable].float(), reference[readable].float(), sample))
+                        row.update(task.score(outputs[label][readable], reference[readable], sample))
                         readable += 1
                     rows.append(row)
             directory.append(rows)
@@ -271,10 +283,13 @@ def _cost(model: nn.Module, label: str, trace: Any, policies: Any) -> dict[str, 
     except (ValueError, TypeError, NotImplementedError) as error:
         return {"flops": None, "flops_error": str(error)}
     paper = costs["paper"]
-    tokens = [pair[0] for pair in paper.schedule.get("vision", ())]
+    site = "llm" if "llm" in paper.schedule else "vision"  # a VLM: the visual tokens its language model sees
+    pairs = paper.schedule.get(site, ())
+    tokens = [pair[0] for pair in pairs]
     return {"flops": {name: {"total": cost.total, "unit": cost.unit} for name, cost in costs.items()},
+            "tokens_site": site,
             "tokens_per_layer": tokens,
-            "tokens_final": paper.schedule["vision"][-1][1] if tokens else None,
+            "tokens_final": pairs[-1][1] if tokens else None,
             "tokens_layer_mean": (sum(tokens) / len(tokens)) if tokens else None,
             "measured_on": "trace of the last batch" if trace is not None else "config (unpruned)"}
 

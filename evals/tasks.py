@@ -107,6 +107,7 @@ class ClassificationTask:
         """Per-run preparation before the first batch (nothing for a classifier); ``spec`` is the model spec."""
 
     def score(self, output: torch.Tensor, reference: torch.Tensor, sample: Sample) -> dict[str, Any]:
+        output, reference = output.float(), reference.float()
         top5 = output.topk(min(5, output.shape[-1])).indices.tolist()
         log_p, log_q = reference.double().log_softmax(-1), output.double().log_softmax(-1)
         return {"prediction": top5[0], "top5": top5, "top1": float(top5[0] == sample.label),
@@ -217,6 +218,7 @@ class RetrievalTask(ZeroShotTask):
         return torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
 
     def score(self, output: torch.Tensor, reference: torch.Tensor, sample: Sample) -> dict[str, Any]:
+        output, reference = output.float(), reference.float()
         return {"embedding": [round(value, 7) for value in output.tolist()],
                 "fidelity": float(torch.nn.functional.cosine_similarity(output, reference, dim=0))}
 
@@ -245,8 +247,164 @@ class RetrievalTask(ZeroShotTask):
         return metrics
 
 
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, punctuation and articles dropped, whitespace collapsed (the VQA evaluation's spirit)."""
+    import re
+
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(word for word in text.split() if word not in _ARTICLES)
+
+
+def yes_no(text: str) -> str:
+    """POPE's reading of an answer: ``"no"`` if its first sentence has the word "no" or "not", else ``"yes"``."""
+    first = normalise_answer(text.split(".")[0]).split()
+    return "no" if ("no" in first or "not" in first) else "yes"
+
+
+@dataclass(frozen=True)
+class Question:
+    """One VQA item: an image, the question, the reference answers, optional choices."""
+
+    question: str
+    answers: tuple[str, ...]
+    choices: tuple[str, ...] = ()
+
+
+class VQATask:
+    """Visual question answering for LLaVA-family models (``hf:PATH``) from a LLaVA-style JSONL file, one
+    item per line: ``{"image": "path relative to the file", "question": "...", "answers": ["...", ...]}``
+    (``"text"`` for the question and ``"answer"`` for a single answer are accepted; ``"choices"`` makes it
+    multiple choice, answered by letter). Greedy generation of ``max_new_tokens`` with the model's chat
+    template (or ``"USER: <image>\n{question} ASSISTANT:"``), left padding.
+
+    Metrics: ``exact`` (normalised prediction equals a normalised reference), ``vqa`` (VQAv2:
+    ``min(#references equal to the prediction / 3, 1)``), POPE-style ``yes/no`` precision, recall, F1 and
+    accuracy over the items whose references are yes/no (F1 is the number papers report per split),
+    ``choice`` accuracy over multiple-choice items, and ``agreement`` with the unpruned model's answer."""
+
+    name = "vqa"
+    families = ("hf-llava",)
+    max_new_tokens = 16
+    metrics = ("exact", "vqa", "yesno_f1", "yesno_accuracy", "yesno_precision", "yesno_recall", "choice",
+               "agreement")
+    columns = (("exact", "exact %", 100, 2), ("vqa", "VQA acc %", 100, 2), ("yesno_f1", "yes/no F1 %", 100, 2),
+               ("choice", "choice %", 100, 2), ("agreement", "agreement %", 100, 2))
+    relative = ("exact", "vqa", "yesno_f1", "choice")
+    report_note = ("exact: normalised answer equals a reference; VQA acc: min(#references matching / 3, 1); yes/no "
+                   "F1: POPE's, over the yes/no items (a 'no'/'not' in the first sentence reads as no); choice: "
+                   "multiple-choice accuracy by letter; agreement: the answer equals the unpruned model's.")
+
+    def __init__(self) -> None:
+        self._processors: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+        self._questions: dict[str, Question] = {}
+
+    def samples(self, data: Path) -> list[Sample]:
+        import json
+
+        if not data.is_file():
+            raise FileNotFoundError(f"vqa data {data} is not a file; expected a JSONL file with one "
+                                    '{"image": ..., "question": ..., "answers": [...]} object per line')
+        samples = []
+        for number, line in enumerate(data.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                answers = item.get("answers", item.get("answer"))
+                answers = (answers,) if isinstance(answers, str) else tuple(answers)
+                question = Question(item.get("question", item.get("text")), tuple(map(str, answers)),
+                                    tuple(item.get("choices", ())))
+                if not question.question or not question.answers:
+                    raise KeyError("question/answers")
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{data}:{number + 1}: expected {{\"image\", \"question\", \"answers\"}}, "
+                                 f"got {line[:80]!r} ({error})") from None
+            sample_id = str(item.get("question_id", f"{number}:{item['image']}"))
+            self._questions[sample_id] = question
+            samples.append(Sample(id=sample_id, path=data.parent / item["image"], label=len(samples)))
+        return samples
+
+    def prepare(self, model: Any, data: Path, spec: str) -> None:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(spec.partition(":")[2])
+        processor.tokenizer.padding_side = "left"
+        self._processors[model] = processor
+
+    def target(self, model: Any) -> Any:
+        return model
+
+    def _prompt(self, processor: Any, question: Question) -> str:
+        text = question.question
+        if question.choices:
+            letters = "ABCDEFGHIJ"
+            text += "\n" + "\n".join(f"{letters[i]}. {choice}" for i, choice in enumerate(question.choices))
+            text += "\nAnswer with the option's letter from the given choices directly."
+        if getattr(processor, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+            return processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return f"USER: <image>\n{text} ASSISTANT:"
+
+    def inputs(self, model: Any, samples: list[Sample]) -> tuple[Any, list[str | None]]:
+        from PIL import Image
+
+        processor = self._processors[model]
+        images, prompts, errors = [], [], []
+        for sample in samples:
+            try:
+                with Image.open(sample.path) as image:
+                    images.append(image.convert("RGB"))
+                prompts.append(self._prompt(processor, self._questions[sample.id]))
+                errors.append(None)
+            except Exception as error:
+                errors.append(f"{type(error).__name__}: {error}")
+        if not images:
+            return None, errors
+        return processor(images=images, text=prompts, return_tensors="pt", padding=True), errors
+
+    def forward(self, model: Any, inputs: Any) -> list[str]:
+        processor = self._processors[model]
+        generated = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def score(self, output: str, reference: str, sample: Sample) -> dict[str, Any]:
+        question = self._questions[sample.id]
+        answer = normalise_answer(output)
+        references = [normalise_answer(item) for item in question.answers]
+        row: dict[str, Any] = {"answer": output.strip(), "exact": float(answer in references),
+                               "vqa": min(sum(answer == item for item in references) / 3, 1.0),
+                               "agreement": float(answer == normalise_answer(reference))}
+        if set(references) <= {"yes", "no"}:
+            row["yesno_prediction"], row["yesno_reference"] = yes_no(output), references[0]
+        if question.choices:
+            letter = next((char for char in output.strip().upper() if char.isalpha()), "")
+            row["choice"] = float(letter == references[0].upper()[:1])
+        return row
+
+    def summarise(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        scored = [row for row in rows if row.get("error") is None]
+        nan = float("nan")
+        mean = lambda key, items: (sum(row[key] for row in items) / len(items)) if items else nan  # noqa: E731
+        metrics = {"exact": mean("exact", scored), "vqa": mean("vqa", scored), "agreement": mean("agreement", scored),
+                   "choice": mean("choice", [row for row in scored if "choice" in row])}
+        pairs = [(row["yesno_prediction"], row["yesno_reference"]) for row in scored if "yesno_prediction" in row]
+        tp = sum(p == "yes" and r == "yes" for p, r in pairs)
+        fp = sum(p == "yes" and r == "no" for p, r in pairs)
+        fn = sum(p == "no" and r == "yes" for p, r in pairs)
+        precision = tp / (tp + fp) if tp + fp else nan
+        recall = tp / (tp + fn) if tp + fn else nan
+        metrics.update(yesno_precision=precision, yesno_recall=recall,
+                       yesno_f1=(2 * precision * recall / (precision + recall)) if pairs and precision + recall
+                       else nan,
+                       yesno_accuracy=(sum(p == r for p, r in pairs) / len(pairs)) if pairs else nan)
+        return metrics
+
+
 TASKS: dict[str, Task] = {"classification": ClassificationTask(), "zeroshot": ZeroShotTask(),
-                          "retrieval": RetrievalTask()}
+                          "retrieval": RetrievalTask(), "vqa": VQATask()}
 
 
 def get_task(name: str) -> Task:

@@ -227,3 +227,76 @@ def test_clip_retrieval_recalls_by_hand(tmp_path):
         assert results["none (unpruned)"]["metrics"][f"i2t_r{k}"] == pytest.approx(i2t)
         assert results["none (unpruned)"]["metrics"][f"t2i_r{k}"] == pytest.approx(t2i)
     assert "I→T R@1 %" in (tmp_path / "out" / "report.md").read_text()
+
+
+def tiny_llava_checkpoint(path):
+    """A tiny random LLaVA and a working processor (word-level tokenizer, 32 px CLIP image processor),
+    saved like a hub checkpoint, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    from conftest import build_tiny_llava
+
+    words = ["<unk>", "<s>", "</s>", "<pad>", "USER:", "ASSISTANT:", "yes", "no", "what", "is", "this", "?", "a",
+             "cat", "dog", "color", "red", "blue", "A.", "B."]
+    words += [f"w{i}" for i in range(127 - len(words))]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.add_tokens(["<image>"], special_tokens=True)  # id 127, the model's image token
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=8, image_token="<image>",
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    build_tiny_llava().save_pretrained(path)
+    processor.save_pretrained(path)
+    return processor
+
+
+def test_vqa_on_a_llava_checkpoint(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    checkpoint = tmp_path / "llava"
+    processor = tiny_llava_checkpoint(checkpoint)
+    rng = np.random.default_rng(2)
+    items = [("is this a cat ?", ["yes"]), ("is this a dog ?", ["no"]), ("what color is this ?", ["red", "red", "blue"]),
+             ("what is this ?", ["cat"])]
+    lines = []
+    for index, (question, answers) in enumerate(items):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+        lines.append(json.dumps({"question_id": index, "image": f"{index}.png", "question": question,
+                                 "answers": answers}))
+    lines.append(json.dumps({"question_id": 9, "image": f"0.png", "question": "which ?", "answer": "A",
+                             "choices": ["cat", "dog"]}))
+    lines.append(json.dumps({"question_id": 10, "image": "missing.png", "question": "what ?", "answer": "x"}))
+    (tmp_path / "vqa.jsonl").write_text("\n".join(lines) + "\n")
+    summary = run(EvalConfig(model=f"hf:{checkpoint}", task="vqa", data=str(tmp_path / "vqa.jsonl"), batch_size=3,
+                             policies=("randomkeep:keep=4", "visionzip:keep=6"), out=str(tmp_path / "out")),
+                  progress=False)
+    results = {entry["configuration"]: entry for entry in summary["results"]}
+    assert [entry["errors"] for entry in results.values()] == [1, 1, 1]
+    assert results["none (unpruned)"]["metrics"]["agreement"] == 1.0
+    assert results["none (unpruned)"]["tokens_final"] == 16 and results["randomkeep:keep=4"]["tokens_final"] == 4
+    assert results["visionzip:dominant=5,contextual=1,keep=6"]["tokens_final"] == 6
+    # the unpruned answers are the checkpoint's own greedy answers
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+    rows = {(row["configuration"], row["sample"]): row for row in rows_of(tmp_path / "out")}
+    with torch.inference_mode():
+        prompt = f"USER: <image>\n{items[2][0]} ASSISTANT:"
+        inputs = processor(images=[Image.open(tmp_path / "2.png").convert("RGB")], text=[prompt], return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        answer = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    assert rows[("none (unpruned)", "2")]["answer"] == answer.strip()
+    # the metrics follow from the rows
+    unpruned = [row for (label, _), row in rows.items() if label == "none (unpruned)" and row["error"] is None]
+    assert results["none (unpruned)"]["metrics"]["exact"] == pytest.approx(sum(r["exact"] for r in unpruned) / 5)
+    assert all("yesno_prediction" in rows[("none (unpruned)", str(i))] for i in (0, 1))
+    assert "choice" in rows[("none (unpruned)", "9")]
+
+
+def test_vqa_answer_rules():
+    from vtprune.evals.tasks import normalise_answer, yes_no
+
+    assert normalise_answer("The Cat!") == "cat" and normalise_answer("a  red, car.") == "red car"
+    assert yes_no("No, there is not.") == "no" and yes_no("Yes. It is not a dog.") == "yes"
+    assert yes_no("There is not a cat") == "no"
