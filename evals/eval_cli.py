@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=("pretrained", "random"), default=None,
                         help="random: build the model with random weights (smoke tests, no download)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false", default=None,
+                        help="do not add the random and pooling baselines at each VLM policy's budget")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -43,7 +45,7 @@ def config_from_args(args: argparse.Namespace):
             raise ValueError(f"unknown keys {unknown} in {args.config}; known: {sorted(known)}")
         values.update(loaded)
     for key in ("model", "task", "data", "policies", "out", "limit", "batch_size", "device", "dtype", "weights",
-                "seed"):
+                "seed", "baselines"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value

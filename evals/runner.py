@@ -40,7 +40,9 @@ UNPRUNED = "none (unpruned)"
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What a run is. ``model``: ``timm:NAME``; ``weights``: ``"pretrained"`` or ``"random"`` (smoke tests)."""
+    """What a run is. ``model``: ``timm:NAME``, ``open_clip:ARCH/PRETRAINED`` or ``hf:PATH_OR_ID``;
+    ``weights``: ``"pretrained"`` or ``"random"`` (smoke tests); ``baselines``: add the random and pooling
+    baselines at each vision-language policy's budget (:func:`baseline_specs`)."""
 
     model: str
     task: str
@@ -53,6 +55,7 @@ class EvalConfig:
     dtype: str = "float32"
     weights: str = "pretrained"
     seed: int = 0
+    baselines: bool = True
 
     def resolved(self) -> dict[str, Any]:
         """The configuration as saved with the results (policies in their canonical spec form)."""
@@ -61,6 +64,35 @@ class EvalConfig:
         data["data"] = str(Path(self.data).resolve())
         data.pop("out")
         return data
+
+
+def baseline_specs(model: nn.Module, specs: list[str]) -> list[str]:
+    """For a vision-language model, the random and pooling baselines at the budget of every policy that fixes
+    the visual tokens its language model receives (``Policy.handed_on``): ``randomkeep:keep=N`` always,
+    ``pool2d:keep=N`` when ``N`` tiles the patch grid."""
+    import math
+
+    try:
+        arch = flops.architecture(model)
+    except (TypeError, ValueError):
+        return []
+    if arch.llm is None or arch.vision is None:
+        return []
+    tower, extra = arch.vision, []
+    rows, cols = tower.grid
+    for spec in specs:
+        for part in spec.split("+"):
+            policy = vtprune.make_policy(part)
+            if policy.name in ("randomkeep", "pool2d"):
+                continue
+            budget = policy.handed_on(tower.num_patches, tower.num_prefix_tokens, arch.drop_prefix)
+            if budget is None:
+                continue
+            extra.append(f"randomkeep:keep={budget}")
+            side = math.isqrt(budget)
+            if side * side == budget and rows % side == 0 and cols % side == 0:
+                extra.append(f"pool2d:keep={budget}")
+    return list(dict.fromkeys(extra))
 
 
 def canonical(spec: str) -> str:
@@ -129,18 +161,20 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if config.limit is not None:
         samples = samples[:config.limit]
     specs = [spec for spec in config.policies if spec.strip().lower() not in ("none", "unpruned")]
-    labels = [UNPRUNED] + [canonical(spec) for spec in specs]
     rank, world, barrier = _processes()
-    order = {(label, sample.id): index for index, (label, sample) in
-             enumerate((label, sample) for label in labels for sample in samples)}
-    samples = samples[rank::world]
-    rows_name = "results.jsonl" if world == 1 else f"results.rank{rank}.jsonl"
-    directory = RunDirectory(config.out, config.resolved(), rows_name=rows_name, write_config=rank == 0)
     if world > 1 and config.device == "cuda":  # one GPU per process
         import os
 
         config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     model = load_model(config.model, config.weights, config.device, dtype, config.seed)
+    if config.baselines:
+        specs += [spec for spec in baseline_specs(model, specs) if canonical(spec) not in map(canonical, specs)]
+    labels = [UNPRUNED] + [canonical(spec) for spec in specs]
+    order = {(label, sample.id): index for index, (label, sample) in
+             enumerate((label, sample) for label in labels for sample in samples)}
+    samples = samples[rank::world]
+    rows_name = "results.jsonl" if world == 1 else f"results.rank{rank}.jsonl"
+    directory = RunDirectory(config.out, config.resolved(), rows_name=rows_name, write_config=rank == 0)
     task.prepare(model, data, config.model)
     target = task.target(model)
     handles = {}

@@ -274,7 +274,10 @@ def test_vqa_on_a_llava_checkpoint(tmp_path):
                              policies=("randomkeep:keep=4", "visionzip:keep=6"), out=str(tmp_path / "out")),
                   progress=False)
     results = {entry["configuration"]: entry for entry in summary["results"]}
-    assert [entry["errors"] for entry in results.values()] == [1, 1, 1]
+    # VisionZip's budget of 6 brings its random baseline (6 does not tile the 4x4 grid: no pooling baseline)
+    assert list(results) == ["none (unpruned)", "randomkeep:keep=4", "visionzip:dominant=5,contextual=1,keep=6",
+                             "randomkeep:keep=6"]
+    assert [entry["errors"] for entry in results.values()] == [1] * 4
     assert results["none (unpruned)"]["metrics"]["agreement"] == 1.0
     assert results["none (unpruned)"]["tokens_final"] == 16 and results["randomkeep:keep=4"]["tokens_final"] == 4
     assert results["visionzip:dominant=5,contextual=1,keep=6"]["tokens_final"] == 6
@@ -292,6 +295,17 @@ def test_vqa_on_a_llava_checkpoint(tmp_path):
     assert results["none (unpruned)"]["metrics"]["exact"] == pytest.approx(sum(r["exact"] for r in unpruned) / 5)
     assert all("yesno_prediction" in rows[("none (unpruned)", str(i))] for i in (0, 1))
     assert "choice" in rows[("none (unpruned)", "9")]
+
+
+def test_baselines_at_the_policies_budgets():
+    from conftest import build_tiny_llava
+    from vtprune.evals.runner import baseline_specs
+
+    llava = build_tiny_llava(vision_layers=2, image_size=336, patch_size=14)  # 24x24 grid
+    assert baseline_specs(llava, ["flowcut:keep=64", "visionzip:keep=192+transprune", "fastv"]) == [
+        "randomkeep:keep=64", "pool2d:keep=64", "randomkeep:keep=192"]
+    import timm
+    assert baseline_specs(timm.create_model("vit_tiny_patch16_224", pretrained=False), ["tome:r=8"]) == []
 
 
 def test_vqa_answer_rules():
