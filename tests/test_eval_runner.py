@@ -266,7 +266,7 @@ def test_vqa_on_a_llava_checkpoint(tmp_path):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
         lines.append(json.dumps({"question_id": index, "image": f"{index}.png", "question": question,
                                  "answers": answers}))
-    lines.append(json.dumps({"question_id": 9, "image": f"0.png", "question": "which ?", "answer": "A",
+    lines.append(json.dumps({"question_id": 9, "image": "0.png", "question": "which ?", "answer": "A",
                              "choices": ["cat", "dog"]}))
     lines.append(json.dumps({"question_id": 10, "image": "missing.png", "question": "what ?", "answer": "x"}))
     (tmp_path / "vqa.jsonl").write_text("\n".join(lines) + "\n")

@@ -293,7 +293,7 @@ def test_attention_stays_on_sdpa_with_log_size_as_float_mask(images64, monkeypat
         return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    with vtprune.applied(model, ToMe(r=2)) as handle, torch.no_grad():
+    with vtprune.applied(model, ToMe(r=2)), torch.no_grad():
         model(images64.double())
     assert len(calls) == 4 and calls[0] is None
     for layer, mask in enumerate(calls[1:], start=1):
