@@ -99,8 +99,10 @@ def canonical(spec: str) -> str:
     return "+".join(str(vtprune.make_policy(part)) for part in spec.split("+"))
 
 
-def load_model(spec: str, weights: str, device: str, dtype: torch.dtype, seed: int) -> nn.Module:
-    """A model from ``library:name`` (``timm:vit_base_patch16_224``)."""
+def load_model(spec: str, weights: str, device: str, dtype: torch.dtype, seed: int,
+               hf_auto: str = "AutoModelForImageTextToText") -> nn.Module:
+    """A model from ``library:name`` (``timm:vit_base_patch16_224``, ``open_clip:ViT-B-32/openai``,
+    ``hf:llava-hf/llava-1.5-7b-hf``); ``hf_auto`` names the transformers auto class for ``hf:`` specs."""
     library, _, name = spec.partition(":")
     if weights not in ("pretrained", "random"):
         raise ValueError(f"--weights must be 'pretrained' or 'random', got {weights!r}")
@@ -125,13 +127,15 @@ def load_model(spec: str, weights: str, device: str, dtype: torch.dtype, seed: i
         model = open_clip.create_model(architecture, pretrained=tag if weights == "pretrained" else None)
         return model.to(device=device, dtype=dtype).eval()
     if library == "hf" and name:
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        import transformers
+        from transformers import AutoConfig
 
+        auto = getattr(transformers, hf_auto)
         if weights == "random":
             torch.manual_seed(seed)
-            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(name))
+            model = auto.from_config(AutoConfig.from_pretrained(name))
         else:
-            model = AutoModelForImageTextToText.from_pretrained(name)
+            model = auto.from_pretrained(name)
         return model.to(device=device, dtype=dtype).eval()
     raise ValueError(f"model spec {spec!r}: expected timm:NAME, open_clip:ARCH/PRETRAINED or hf:PATH_OR_ID")
 
@@ -166,7 +170,8 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         import os
 
         config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
-    model = load_model(config.model, config.weights, config.device, dtype, config.seed)
+    model = load_model(config.model, config.weights, config.device, dtype, config.seed,
+                       getattr(task, "hf_auto", "AutoModelForImageTextToText"))
     if config.baselines:
         specs += [spec for spec in baseline_specs(model, specs) if canonical(spec) not in map(canonical, specs)]
     labels = [UNPRUNED] + [canonical(spec) for spec in specs]

@@ -123,41 +123,78 @@ class ClassificationTask:
 
 
 class ZeroShotTask(ClassificationTask):
-    """CLIP zero-shot classification (open_clip models) on an ImageNet-style folder: the class names are the
+    """CLIP zero-shot classification (open_clip models, or Hugging Face CLIP/SigLIP checkpoints: ``hf:PATH``)
+    on an ImageNet-style folder: the class names are the
     sub-folder names (``_`` read as a space), each turned into the prompt ``"a photo of a {name}."``; the
     class scores are ``logit_scale · cos(image, prompt)`` (CLIP's). Policies apply to the image tower
-    (``model.visual``); the text tower is unchanged and its embeddings are computed once per run."""
+    (``model.visual``; ``model.vision_model`` for Hugging Face); the text tower is unchanged and its
+    embeddings are computed once per run."""
 
     name = "zeroshot"
-    families = ("open_clip-vit",)
+    families = ("open_clip-vit", "hf-clip-vision")
     template = "a photo of a {}."
+
+    hf_auto = "AutoModel"
 
     def __init__(self) -> None:
         super().__init__()
         self._classes: "weakref.WeakKeyDictionary[Any, torch.Tensor]" = weakref.WeakKeyDictionary()
+        self._hf_image_processors: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def _is_hf(model: Any) -> bool:
+        return hasattr(model, "get_image_features") and hasattr(model, "vision_model")
 
     def _transform(self, model: Any) -> Callable:
         if model not in self._transforms:
-            import open_clip
+            if self._is_hf(model):
+                processor = self._hf_image_processors[model]
+                self._transforms[model] = lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
+            else:
+                import open_clip
 
-            self._transforms[model] = open_clip.image_transform(model.visual.image_size, is_train=False)
+                self._transforms[model] = open_clip.image_transform(model.visual.image_size, is_train=False)
         return self._transforms[model]
 
     def target(self, model: Any) -> Any:
-        return model.visual
+        """The image tower: open_clip's ``visual``, or a Hugging Face CLIP/SigLIP model's ``vision_model``."""
+        return model.vision_model if self._is_hf(model) else model.visual
 
-    def prepare(self, model: Any, data: Path, spec: str) -> None:
+    def _encode_texts(self, model: Any, spec: str) -> Callable[[list[str]], torch.Tensor]:
+        device = next(model.parameters()).device
+        if self._is_hf(model):
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            path = spec.partition(":")[2]
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            self._hf_image_processors[model] = AutoImageProcessor.from_pretrained(path)
+
+            def encode(texts: list[str]) -> torch.Tensor:
+                tokens = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+                output = model.get_text_features(**tokens)
+                return getattr(output, "pooler_output", output)
+
+            return encode
         import open_clip
 
-        names = [entry.name.replace("_", " ") for entry in sorted(data.iterdir()) if entry.is_dir()]
         tokenizer = open_clip.get_tokenizer(spec.partition(":")[2].partition("/")[0])
-        device = next(model.parameters()).device
+        return lambda texts: model.encode_text(tokenizer(texts).to(device))
+
+    def _encode_images(self, model: Any, images: torch.Tensor) -> torch.Tensor:
+        if self._is_hf(model):
+            output = model.get_image_features(pixel_values=images)
+            return getattr(output, "pooler_output", output)
+        return model.encode_image(images)
+
+    def prepare(self, model: Any, data: Path, spec: str) -> None:
+        names = [entry.name.replace("_", " ") for entry in sorted(data.iterdir()) if entry.is_dir()]
+        encode = self._encode_texts(model, spec)
         with torch.inference_mode():
-            text = model.encode_text(tokenizer([self.template.format(name) for name in names]).to(device))
+            text = encode([self.template.format(name) for name in names])
         self._classes[model] = torch.nn.functional.normalize(text.float(), dim=-1)
 
     def forward(self, model: Any, images: torch.Tensor) -> torch.Tensor:
-        features = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
+        features = torch.nn.functional.normalize(self._encode_images(model, images).float(), dim=-1)
         return model.logit_scale.exp().float() * features @ self._classes[model].T
 
 
@@ -203,19 +240,16 @@ class RetrievalTask(ZeroShotTask):
         return samples
 
     def prepare(self, model: Any, data: Path, spec: str) -> None:
-        import open_clip
-
         samples = self.samples(data)
         captions = [text for sample in samples for text in sample.texts]
         owners = torch.tensor([sample.label for sample in samples for _ in sample.texts])
-        tokenizer = open_clip.get_tokenizer(spec.partition(":")[2].partition("/")[0])
-        device = next(model.parameters()).device
+        encode = self._encode_texts(model, spec)
         with torch.inference_mode():
-            text = model.encode_text(tokenizer(captions).to(device))
+            text = encode(captions)
         self._current = (torch.nn.functional.normalize(text.float(), dim=-1).cpu(), owners)
 
     def forward(self, model: Any, images: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
+        return torch.nn.functional.normalize(self._encode_images(model, images).float(), dim=-1)
 
     def score(self, output: torch.Tensor, reference: torch.Tensor, sample: Sample) -> dict[str, Any]:
         output, reference = output.float(), reference.float()
@@ -287,6 +321,7 @@ class VQATask:
 
     name = "vqa"
     families = ("hf-llava",)
+    hf_auto = "AutoModelForImageTextToText"
     max_new_tokens = 16
     metrics = ("exact", "vqa", "yesno_f1", "yesno_accuracy", "yesno_precision", "yesno_recall", "choice",
                "agreement")

@@ -314,3 +314,38 @@ def test_vqa_answer_rules():
     assert normalise_answer("The Cat!") == "cat" and normalise_answer("a  red, car.") == "red car"
     assert yes_no("No, there is not.") == "no" and yes_no("Yes. It is not a dog.") == "yes"
     assert yes_no("There is not a cat") == "no"
+
+
+def test_zero_shot_on_a_hugging_face_clip_checkpoint(data, tmp_path):
+    """hf:PATH CLIP checkpoints (policies on vision_model); tokenizer and image processor built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+
+    checkpoint = tmp_path / "clip"
+    words = ["<unk>", "<pad>", "a", "photo", "of", "cat.", "dog."] + [f"w{i}" for i in range(57)]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>").save_pretrained(checkpoint)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(checkpoint)
+    config = CLIPConfig(text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=16),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(checkpoint)
+    summary = run(EvalConfig(model=f"hf:{checkpoint}", task="zeroshot", data=str(data), policies=("tome:r=2",),
+                             out=str(tmp_path / "out"), batch_size=4), progress=False)
+    results = {entry["configuration"]: entry for entry in summary["results"]}
+    assert results["none (unpruned)"]["tokens_final"] == 17 and results["tome:r=2"]["tokens_final"] == 11
+    model = CLIPModel.from_pretrained(checkpoint).eval()
+    processor = CLIPImageProcessor.from_pretrained(checkpoint)
+    fast = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    rows = {(row["configuration"], row["sample"]): row for row in rows_of(tmp_path / "out")}
+    with torch.inference_mode():
+        text = model.get_text_features(**fast(["a photo of a cat.", "a photo of a dog."], padding=True,
+                                               return_tensors="pt")).pooler_output
+        for name in ("cat", "dog"):
+            pixels = processor(images=Image.open(data / name / "1.png").convert("RGB"), return_tensors="pt")
+            image = model.get_image_features(**pixels).pooler_output
+            scores = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+            assert rows[("none (unpruned)", f"{name}/1.png")]["prediction"] == int(scores.argmax())
