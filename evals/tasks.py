@@ -300,11 +300,40 @@ def yes_no(text: str) -> str:
 
 @dataclass(frozen=True)
 class Question:
-    """One VQA item: an image, the question, the reference answers, optional choices."""
+    """One VQA item: an image, the question, the reference answers, optional choices, optional category
+    (MME's subtask names make MME scores)."""
 
     question: str
     answers: tuple[str, ...]
     choices: tuple[str, ...] = ()
+    category: str | None = None
+
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
+                  "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """MME (Fu et al. 2023; official ``calculation.py``): per subtask ``100 · (acc + acc+)`` with ``acc`` the
+    share of questions answered right (an answer reads as yes/no by its first word, anything else is wrong)
+    and ``acc+`` the share of images whose questions are all right; perception = the sum over its 10
+    subtasks (max 2000), cognition over its 4 (max 800); ``nan`` when the rows hold none of them."""
+    by_category: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("category") in MME_PERCEPTION + MME_COGNITION:
+            by_category.setdefault(row["category"], []).append(row)
+    scores = {}
+    for category, items in by_category.items():
+        accuracy = sum(row["mme_correct"] for row in items) / len(items)
+        images: dict[str, list[float]] = {}
+        for row in items:
+            images.setdefault(row["image"], []).append(row["mme_correct"])
+        accuracy_plus = sum(all(values) for values in images.values()) / len(images)
+        scores[category] = 100 * (accuracy + accuracy_plus)
+    total = lambda names: (sum(scores[name] for name in names if name in scores)  # noqa: E731
+                           if any(name in scores for name in names) else float("nan"))
+    return {"mme_perception": total(MME_PERCEPTION), "mme_cognition": total(MME_COGNITION)}
 
 
 class VQATask:
@@ -317,20 +346,24 @@ class VQATask:
     Metrics: ``exact`` (normalised prediction equals a normalised reference), ``vqa`` (VQAv2:
     ``min(#references equal to the prediction / 3, 1)``), POPE-style ``yes/no`` precision, recall, F1 and
     accuracy over the items whose references are yes/no (F1 is the number papers report per split),
-    ``choice`` accuracy over multiple-choice items, and ``agreement`` with the unpruned model's answer."""
+    ``choice`` accuracy over multiple-choice items, MME perception and cognition scores for items whose
+    ``"category"`` is an MME subtask (:func:`mme_scores`; both reported separately, as papers mix them),
+    and ``agreement`` with the unpruned model's answer."""
 
     name = "vqa"
     families = ("hf-llava",)
     hf_auto = "AutoModelForImageTextToText"
     max_new_tokens = 16
     metrics = ("exact", "vqa", "yesno_f1", "yesno_accuracy", "yesno_precision", "yesno_recall", "choice",
-               "agreement")
+               "mme_perception", "mme_cognition", "agreement")
     columns = (("exact", "exact %", 100, 2), ("vqa", "VQA acc %", 100, 2), ("yesno_f1", "yes/no F1 %", 100, 2),
-               ("choice", "choice %", 100, 2), ("agreement", "agreement %", 100, 2))
-    relative = ("exact", "vqa", "yesno_f1", "choice")
+               ("choice", "choice %", 100, 2), ("mme_perception", "MME P", 1, 1), ("mme_cognition", "MME C", 1, 1),
+               ("agreement", "agreement %", 100, 2))
+    relative = ("exact", "vqa", "yesno_f1", "choice", "mme_perception", "mme_cognition")
     report_note = ("exact: normalised answer equals a reference; VQA acc: min(#references matching / 3, 1); yes/no "
                    "F1: POPE's, over the yes/no items (a 'no'/'not' in the first sentence reads as no); choice: "
-                   "multiple-choice accuracy by letter; agreement: the answer equals the unpruned model's.")
+                   "multiple-choice accuracy by letter; MME P / C: perception (max 2000) and cognition (max 800) "
+                   "scores, 100·(acc + acc+) summed over subtasks; agreement: the answer equals the unpruned model's.")
 
     def __init__(self) -> None:
         self._processors: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
@@ -351,7 +384,7 @@ class VQATask:
                 answers = item.get("answers", item.get("answer"))
                 answers = (answers,) if isinstance(answers, str) else tuple(answers)
                 question = Question(item.get("question", item.get("text")), tuple(map(str, answers)),
-                                    tuple(item.get("choices", ())))
+                                    tuple(item.get("choices", ())), item.get("category"))
                 if not question.question or not question.answers:
                     raise KeyError("question/answers")
             except (json.JSONDecodeError, KeyError, TypeError) as error:
@@ -417,6 +450,10 @@ class VQATask:
         if question.choices:
             letter = next((char for char in output.strip().upper() if char.isalpha()), "")
             row["choice"] = float(letter == references[0].upper()[:1])
+        if question.category is not None:
+            first = (answer.split() or [""])[0]
+            row.update(category=question.category, image=str(sample.path.name),
+                       mme_correct=float(first in ("yes", "no") and first == references[0]))
         return row
 
     def summarise(self, rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -435,6 +472,7 @@ class VQATask:
                        yesno_f1=(2 * precision * recall / (precision + recall)) if pairs and precision + recall
                        else nan,
                        yesno_accuracy=(sum(p == r for p, r in pairs) / len(pairs)) if pairs else nan)
+        metrics.update(mme_scores(scored))
         return metrics
 
 

@@ -265,7 +265,7 @@ def test_vqa_on_a_llava_checkpoint(tmp_path):
     for index, (question, answers) in enumerate(items):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
         lines.append(json.dumps({"question_id": index, "image": f"{index}.png", "question": question,
-                                 "answers": answers}))
+                                 "answers": answers, **({"category": "existence"} if index < 2 else {})}))
     lines.append(json.dumps({"question_id": 9, "image": "0.png", "question": "which ?", "answer": "A",
                              "choices": ["cat", "dog"]}))
     lines.append(json.dumps({"question_id": 10, "image": "missing.png", "question": "what ?", "answer": "x"}))
@@ -294,6 +294,9 @@ def test_vqa_on_a_llava_checkpoint(tmp_path):
     unpruned = [row for (label, _), row in rows.items() if label == "none (unpruned)" and row["error"] is None]
     assert results["none (unpruned)"]["metrics"]["exact"] == pytest.approx(sum(r["exact"] for r in unpruned) / 5)
     assert all("yesno_prediction" in rows[("none (unpruned)", str(i))] for i in (0, 1))
+    mme = [rows[("none (unpruned)", str(i))]["mme_correct"] for i in (0, 1)]  # two images, one question each
+    assert results["none (unpruned)"]["metrics"]["mme_perception"] == pytest.approx(100 * 2 * sum(mme) / 2)
+    assert results["none (unpruned)"]["metrics"]["mme_cognition"] != results["none (unpruned)"]["metrics"]["mme_cognition"]
     assert "choice" in rows[("none (unpruned)", "9")]
 
 
@@ -349,3 +352,20 @@ def test_zero_shot_on_a_hugging_face_clip_checkpoint(data, tmp_path):
             image = model.get_image_features(**pixels).pooler_output
             scores = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
             assert rows[("none (unpruned)", f"{name}/1.png")]["prediction"] == int(scores.argmax())
+
+
+def test_mme_scores_by_hand():
+    from vtprune.evals.tasks import mme_scores
+
+    rows = [  # existence: 2 images x 2 questions, 3 of 4 right, 1 image fully right -> 100 * (0.75 + 0.5) = 125
+        {"category": "existence", "image": "1.jpg", "mme_correct": 1.0},
+        {"category": "existence", "image": "1.jpg", "mme_correct": 1.0},
+        {"category": "existence", "image": "2.jpg", "mme_correct": 1.0},
+        {"category": "existence", "image": "2.jpg", "mme_correct": 0.0},
+        # code_reasoning: one image, both right -> 200
+        {"category": "code_reasoning", "image": "3.jpg", "mme_correct": 1.0},
+        {"category": "code_reasoning", "image": "3.jpg", "mme_correct": 1.0},
+    ]
+    assert mme_scores(rows) == {"mme_perception": 125.0, "mme_cognition": 200.0}
+    scores = mme_scores([{"category": "other"}])
+    assert all(value != value for value in scores.values())  # nan without MME subtasks
