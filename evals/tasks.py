@@ -28,6 +28,25 @@ class Sample:
     texts: tuple[str, ...] = ()
 
 
+def jsonl_items(data: Path, task: str, shape: str, build: Callable[[dict[str, Any]], Any]) -> list[Any]:
+    """``build(item)`` for every JSON object of the JSONL file ``data``; a missing file, a bad line or an item
+    ``build`` rejects (``KeyError``/``TypeError``/``ValueError``) raises naming the file, the line and ``shape``."""
+    import json
+
+    if not data.is_file():
+        raise FileNotFoundError(f"{task} data {data} is not a file; expected a JSONL file with one {shape} object "
+                                "per line")
+    built = []
+    for number, line in enumerate(data.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            built.append(build(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{data}:{number + 1}: expected {shape}, got {line[:80]!r} ({error})") from None
+    return built
+
+
 class Task(Protocol):
     name: str
     families: tuple[str, ...]
@@ -219,25 +238,13 @@ class RetrievalTask(ZeroShotTask):
                    "and unpruned embedding.")
 
     def samples(self, data: Path) -> list[Sample]:
-        import json
+        def build(item: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+            captions = item.get("captions", item.get("caption"))
+            return item["image"], ((captions,) if isinstance(captions, str) else tuple(captions))
 
-        if not data.is_file():
-            raise FileNotFoundError(f"retrieval data {data} is not a file; expected a JSONL file with one "
-                                    '{"image": ..., "captions": [...]} object per line')
-        samples = []
-        for number, line in enumerate(data.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                captions = item.get("captions", item.get("caption"))
-                captions = (captions,) if isinstance(captions, str) else tuple(captions)
-                samples.append(Sample(id=item["image"], path=data.parent / item["image"], label=len(samples),
-                                      texts=captions))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{data}:{number + 1}: expected {{\"image\": ..., \"captions\": [...]}}, "
-                                 f"got {line[:80]!r} ({error})") from None
-        return samples
+        items = jsonl_items(data, "retrieval", '{"image": ..., "captions": [...]}', build)
+        return [Sample(id=image, path=data.parent / image, label=index, texts=captions)
+                for index, (image, captions) in enumerate(items)]
 
     def prepare(self, model: Any, data: Path, spec: str) -> None:
         samples = self.samples(data)
@@ -370,29 +377,21 @@ class VQATask:
         self._questions: dict[str, Question] = {}
 
     def samples(self, data: Path) -> list[Sample]:
-        import json
+        def build(item: dict[str, Any]) -> tuple[dict[str, Any], Question]:
+            answers = item.get("answers", item.get("answer"))
+            answers = (answers,) if isinstance(answers, str) else tuple(answers)
+            question = Question(item.get("question", item.get("text")), tuple(map(str, answers)),
+                                tuple(item.get("choices", ())), item.get("category"))
+            if not question.question or not question.answers or "image" not in item:
+                raise KeyError("image/question/answers")
+            return item, question
 
-        if not data.is_file():
-            raise FileNotFoundError(f"vqa data {data} is not a file; expected a JSONL file with one "
-                                    '{"image": ..., "question": ..., "answers": [...]} object per line')
+        items = jsonl_items(data, "vqa", '{"image": ..., "question": ..., "answers": [...]}', build)
         samples = []
-        for number, line in enumerate(data.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                answers = item.get("answers", item.get("answer"))
-                answers = (answers,) if isinstance(answers, str) else tuple(answers)
-                question = Question(item.get("question", item.get("text")), tuple(map(str, answers)),
-                                    tuple(item.get("choices", ())), item.get("category"))
-                if not question.question or not question.answers:
-                    raise KeyError("question/answers")
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{data}:{number + 1}: expected {{\"image\", \"question\", \"answers\"}}, "
-                                 f"got {line[:80]!r} ({error})") from None
-            sample_id = str(item.get("question_id", f"{number}:{item['image']}"))
+        for index, (item, question) in enumerate(items):
+            sample_id = str(item.get("question_id", f"{index}:{item['image']}"))
             self._questions[sample_id] = question
-            samples.append(Sample(id=sample_id, path=data.parent / item["image"], label=len(samples)))
+            samples.append(Sample(id=sample_id, path=data.parent / item["image"], label=index))
         return samples
 
     def prepare(self, model: Any, data: Path, spec: str) -> None:

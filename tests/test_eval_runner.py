@@ -369,3 +369,17 @@ def test_mme_scores_by_hand():
     assert mme_scores(rows) == {"mme_perception": 125.0, "mme_cognition": 200.0}
     scores = mme_scores([{"category": "other"}])
     assert all(value != value for value in scores.values())  # nan without MME subtasks
+
+
+def test_a_malformed_jsonl_line_is_named(tmp_path):
+    from vtprune.evals.tasks import get_task
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"image": "a.png", "question": "q", "answers": ["x"]}\n{"image": "b.png"}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: expected .*question"):
+        get_task("vqa").samples(path)
+    path.write_text('{"image": "a.png", "captions": ["x"]}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: expected"):
+        get_task("retrieval").samples(path)
+    with pytest.raises(FileNotFoundError, match="retrieval data .* is not a file"):
+        get_task("retrieval").samples(tmp_path / "missing.jsonl")
