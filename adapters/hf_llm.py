@@ -28,14 +28,13 @@ import torch
 from torch import nn
 
 from vtprune.policy import Policy
-from vtprune.sequence import LLMTokens
+from vtprune.sequence import POSITION_MODES, LLMTokens
 from vtprune.state import Runtime, TokenState
 from vtprune.view import QKV, LayerView
 
 from .patching import Patch, forward_of
 from .reduction_point import CapturedOutput
 
-POSITION_MODES = ("compact", "keep")
 
 
 @dataclass

@@ -8,6 +8,10 @@ import torch
 from .reduction import MergePlan
 from .view import QKV
 
+#: How positions are given to the layers after a cut inside the language model: renumbered over the kept
+#: tokens (``"compact"``) or the original ones (``"keep"``).
+POSITION_MODES = ("compact", "keep")
+
 
 @dataclass
 class LLMTokens:

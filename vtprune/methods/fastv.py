@@ -10,10 +10,9 @@ from typing import ClassVar
 from ..policy import Policy, check_choice, check_float, check_int
 from ..reduction import MergePlan
 from ..registry import register_policy
-from ..sequence import keep_visual, query_rows, visual_scores
+from ..sequence import POSITION_MODES, keep_visual, query_rows, visual_scores
 from ..view import LayerView
 
-POSITION_MODES = ("compact", "keep")
 
 
 @register_policy

@@ -15,9 +15,10 @@ from typing import ClassVar
 import torch
 
 from ..matching import matching_precision
-from ..policy import Policy, check_float, check_int
+from ..policy import Policy, check_choice, check_float, check_int
 from ..reduction import MergePlan
 from ..registry import register_policy
+from ..sequence import POSITION_MODES, keep_visual
 from ..view import QKV, LayerView
 
 
@@ -175,12 +176,9 @@ class FlowCutLLM(Policy):
     def __post_init__(self) -> None:
         check_int("keep", self.keep, minimum=1, policy="flowcut_llm")
         check_int("layer", self.layer, minimum=0, policy="flowcut_llm")
-        if self.position_mode not in ("compact", "keep"):
-            raise ValueError(f"flowcut_llm: position_mode must be one of 'compact', 'keep'; got {self.position_mode!r}")
+        check_choice("position_mode", self.position_mode, POSITION_MODES, policy="flowcut_llm")
 
     def reduce(self, view: LayerView) -> MergePlan | None:
-        from ..sequence import keep_visual
-
         tokens = view.signal("tokens")
         if view.layer != self.layer or tokens.visual.shape[1] <= self.keep:
             return None

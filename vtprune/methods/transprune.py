@@ -11,10 +11,9 @@ import torch
 from ..policy import Policy, check_choice, check_float, check_int
 from ..reduction import MergePlan
 from ..registry import register_policy
-from ..sequence import LLMTokens, keep_visual, query_rows
+from ..sequence import POSITION_MODES, LLMTokens, keep_visual, query_rows
 from ..view import LayerView
 
-POSITION_MODES = ("compact", "keep")
 
 
 def transition_variation(inputs: torch.Tensor, outputs: torch.Tensor, attended: torch.Tensor,
@@ -93,7 +92,7 @@ class TransPrune(Policy):
             if not isinstance(value, (list, tuple)) or not value:
                 raise ValueError(f"transprune: {name} must be a non-empty list, got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        for index, layer in enumerate(self.layers + self.accumulate):
+        for layer in self.layers + self.accumulate:
             check_int("layers/accumulate entries", layer, minimum=1, policy="transprune")
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"transprune: layers must be strictly increasing, got {list(self.layers)}")
