@@ -20,7 +20,6 @@ inputs (after their norms) and outputs of this layer (TransPrune's TTV).
 from __future__ import annotations
 
 import sys
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -34,6 +33,7 @@ from vtprune.view import QKV, LayerView
 
 from .patching import Patch, forward_of
 from .reduction_point import CapturedOutput
+from .sequence import CacheLayouts
 
 
 
@@ -128,7 +128,7 @@ class LLMSite:
         self.runtime = runtime
         self.policy = policy
         self.mode = position_mode
-        self.layouts: "weakref.WeakKeyDictionary[Any, DecodeLayout]" = weakref.WeakKeyDictionary()
+        self.layouts = CacheLayouts()
         host = sys.modules[type(layers[0].self_attn).__module__]
         self.apply_rope: Callable = host.apply_rotary_pos_emb
 
@@ -171,13 +171,10 @@ class LLMSite:
     def finish(self, state: TokenState, cache: Any) -> None:
         """Called after the prefill: remember the cache's layout for later calls continuing it."""
         surgery = state.scratch.get("llm")
-        if surgery is None or cache is None or not surgery.layer_columns:
+        if surgery is None or not surgery.layer_columns:
             return
-        try:
-            self.layouts[cache] = DecodeLayout(length=surgery.length, columns=dict(surgery.layer_columns),
-                                               removed=dict(surgery.layer_removed))
-        except TypeError:  # not weak-referenceable
-            pass
+        self.layouts.remember(cache, DecodeLayout(length=surgery.length, columns=dict(surgery.layer_columns),
+                                                  removed=dict(surgery.layer_removed)))
 
     def _layer_forward(self, layer: nn.Module, index: int, taps: dict | None, transitions: bool):
         original = forward_of(layer)
@@ -189,7 +186,7 @@ class LLMSite:
             surgery = state.scratch.get("llm")
             if surgery is not None and hidden_states.shape[1] == surgery.columns.shape[1]:
                 return self._prefill_layer(original, layer, index, state, surgery, hidden_states, kwargs, taps)
-            layout = self._layout(kwargs.get("past_key_values"))
+            layout = self.layouts.get(kwargs.get("past_key_values"))
             if layout is not None and index in layout.columns:
                 # layers of one stage share their columns: rebuild once per stage and call
                 rebuilt = state.scratch.setdefault("decode_rebuilt", {})
@@ -200,14 +197,6 @@ class LLMSite:
             return original(hidden_states, **kwargs)
 
         return forward
-
-    def _layout(self, cache: Any) -> DecodeLayout | None:
-        if cache is None:
-            return None
-        try:
-            return self.layouts.get(cache)
-        except TypeError:
-            return None
 
     def _prefill_layer(self, original, layer, index, state, surgery: Surgery, hidden, kwargs, taps):
         if not surgery.original:

@@ -16,7 +16,7 @@ from vtprune.state import Runtime, TokenState
 
 from .hf_llm import LLMSite
 from .patching import forward_of
-from .sequence import ShortenedLayout, positions_from_mask, shorten_layout
+from .sequence import CacheLayouts, ShortenedLayout, positions_from_mask, shorten_layout
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def language_forward(model: nn.Module, inner: nn.Module, runtime: Runtime, confi
     run the language model (with the llm site's bookkeeping), and translate the decode steps that follow."""
     original = _with_llm_site(forward_of(model), model, runtime, site)
     signature = inspect.signature(original)
-    layouts: "weakref.WeakKeyDictionary[Any, ShortenedLayout]" = weakref.WeakKeyDictionary()
+    layouts = CacheLayouts()
     placeholder = model.config.image_token_id
     pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
 
@@ -125,7 +125,7 @@ def language_forward(model: nn.Module, inner: nn.Module, runtime: Runtime, confi
         cache = named.get("past_key_values")
         if counts is not None and counts[0] != counts[1]:
             return _prefill(original, named, counts, placeholder, pad_id, layouts)
-        layout = _layout_of(layouts, cache)
+        layout = layouts.get(cache)
         if layout is not None:
             _translate_decode(named, layout)
         return original(**named)
@@ -180,16 +180,7 @@ def _counts_of(image: Any, input_ids: torch.Tensor | None, placeholder: int,
     return (total // len(kept),) * len(kept), kept
 
 
-def _layout_of(layouts: "weakref.WeakKeyDictionary", cache: Any) -> ShortenedLayout | None:
-    if cache is None:
-        return None
-    try:
-        return layouts.get(cache)
-    except TypeError:  # not weak-referenceable: never registered
-        return None
-
-
-def _prefill(original, named: dict, counts, placeholder: int, pad_id: int, layouts) -> Any:
+def _prefill(original, named: dict, counts, placeholder: int, pad_id: int, layouts: CacheLayouts) -> Any:
     input_ids = named.get("input_ids")
     if input_ids is None:
         raise ValueError("vtprune: with pruned visual tokens pass input_ids (not inputs_embeds), so the image "
@@ -212,12 +203,7 @@ def _prefill(original, named: dict, counts, placeholder: int, pad_id: int, layou
     if named.get("cache_position") is not None:
         named["cache_position"] = torch.arange(layout.length, device=input_ids.device)
     output = original(**named)
-    returned = getattr(output, "past_key_values", None)
-    if returned is not None:
-        try:
-            layouts[returned] = layout
-        except TypeError:
-            pass
+    layouts.remember(getattr(output, "past_key_values", None), layout)
     return output
 
 

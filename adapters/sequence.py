@@ -8,7 +8,9 @@ padded again on the side the input was padded on, and columns that are padding i
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -101,3 +103,27 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids counted over attended columns (``generate``'s rule): ``cumsum(mask) - 1``, 1 at padding."""
     mask = attention_mask.long()
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+class CacheLayouts:
+    """What a pruned prefill left in a KV cache, remembered per cache object (weakly: it goes with the cache)
+    so that the calls continuing that cache can be translated. A cache that cannot be weakly referenced is
+    not remembered."""
+
+    def __init__(self) -> None:
+        self._layouts: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+    def remember(self, cache: Any, layout: Any) -> None:
+        if cache is not None:
+            try:
+                self._layouts[cache] = layout
+            except TypeError:
+                pass
+
+    def get(self, cache: Any) -> Any:
+        if cache is None:
+            return None
+        try:
+            return self._layouts.get(cache)
+        except TypeError:
+            return None
