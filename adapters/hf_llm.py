@@ -33,20 +33,24 @@ from vtprune.view import QKV, LayerView
 
 from .patching import Patch, forward_of
 from .reduction_point import CapturedOutput
-from .sequence import CacheLayouts
+from .sequence import CacheLayouts, gather_columns
 
 
 
 @dataclass
 class Surgery:
-    """One prefill's state at the ``llm`` site: the original mask/positions/RoPE of the full sequence, the
-    original column of each current position, and what every layer saw (for the decode layout)."""
+    """One prefill's state at the ``llm`` site: the original mask/positions/RoPE of the full sequence (taken
+    from the first layer's arguments), the original column of each current position, the rebuilt arguments
+    for the current columns, and what every layer saw (for the decode layout)."""
 
     tokens: LLMTokens
     length: int
     columns: torch.Tensor
+    attended: torch.Tensor  # [B, L0] the prompt's attended (non-padding) columns
     dropped: torch.Tensor  # [B, L0] attended original columns dropped so far
+    removed: torch.Tensor  # [B] how many: the shift of compact positions after the last cut
     original: dict[str, Any] = field(default_factory=dict)
+    rebuilt: dict[str, Any] | None = None
     layer_columns: dict[int, torch.Tensor] = field(default_factory=dict)
     layer_removed: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -54,9 +58,9 @@ class Surgery:
     def start(cls, tokens: LLMTokens) -> "Surgery":
         batch, length = tokens.attended.shape
         device = tokens.attended.device
-        return cls(tokens=tokens, length=length,
-                   columns=torch.arange(length, device=device).expand(batch, -1),
-                   dropped=torch.zeros(batch, length, dtype=torch.bool, device=device))
+        return cls(tokens=tokens, length=length, columns=torch.arange(length, device=device).expand(batch, -1),
+                   attended=tokens.attended, dropped=torch.zeros(batch, length, dtype=torch.bool, device=device),
+                   removed=torch.zeros(batch, dtype=torch.long, device=device))
 
     @property
     def cut(self) -> bool:
@@ -66,12 +70,11 @@ class Surgery:
         """Keep the current positions ``keep [B, L']`` (sorted)."""
         columns = self.columns.gather(1, keep)
         still = torch.zeros_like(self.dropped).scatter_(1, columns, True)
-        self.dropped = self.tokens_attended_original() & ~still
+        self.dropped = self.attended & ~still
+        self.removed = self.dropped.sum(1)
         self.columns = columns
         self.tokens = self.tokens.gather(keep)
-
-    def tokens_attended_original(self) -> torch.Tensor:
-        return self.original["attended"]
+        self.rebuilt = None
 
 
 def _gather_mask(mask: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -83,13 +86,6 @@ def _gather_mask(mask: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor |
         mask = mask.gather(2, rows[:, None, :, None].expand(-1, heads, -1, mask.shape[3]))
         queries = rows.shape[1]
     return mask.gather(3, columns[:, None, None, :].expand(-1, heads, queries, -1))
-
-
-def _gather_tokens(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``values [B|1, L, ...]`` at ``columns [B, L']``."""
-    values = values.expand(columns.shape[0], *values.shape[1:])
-    index = columns.view(*columns.shape, *(1,) * (values.dim() - 2)).expand(-1, -1, *values.shape[2:])
-    return values.gather(1, index)
 
 
 @dataclass(frozen=True)
@@ -201,12 +197,11 @@ class LLMSite:
     def _prefill_layer(self, original, layer, index, state, surgery: Surgery, hidden, kwargs, taps):
         if not surgery.original:
             surgery.original = {"mask": kwargs.get("attention_mask"), "position_ids": kwargs.get("position_ids"),
-                                "position_embeddings": kwargs.get("position_embeddings"),
-                                "attended": surgery.tokens.attended.clone()}
+                                "position_embeddings": kwargs.get("position_embeddings")}
         if surgery.cut:
             kwargs = self._prefill_kwargs(surgery, hidden, kwargs)
             surgery.layer_columns[index] = surgery.columns
-            surgery.layer_removed[index] = surgery.dropped.sum(1)
+            surgery.layer_removed[index] = surgery.removed
         output = original(hidden, **kwargs)
         try:
             return self._reduce_after(layer, index, state, surgery, output, kwargs, taps)
@@ -256,14 +251,11 @@ class LLMSite:
 
     def _prefill_kwargs(self, surgery: Surgery, hidden: torch.Tensor, kwargs: dict) -> dict:
         """The layer's mask, position ids and RoPE for the kept columns (rebuilt once per cut, then reused)."""
-        cached = surgery.original.get("rebuilt")
-        if cached is not None and cached[0] is surgery.columns:
-            return {**kwargs, **cached[1]}
-        rebuilt = self._rebuild(surgery, hidden, kwargs)
-        surgery.original["rebuilt"] = (surgery.columns, rebuilt)
-        return {**kwargs, **rebuilt}
+        if surgery.rebuilt is None:
+            surgery.rebuilt = self._rebuild(surgery, hidden)
+        return {**kwargs, **surgery.rebuilt}
 
-    def _rebuild(self, surgery: Surgery, hidden: torch.Tensor, kwargs: dict) -> dict:
+    def _rebuild(self, surgery: Surgery, hidden: torch.Tensor) -> dict:
         kwargs = {}
         columns = surgery.columns
         mask = surgery.original["mask"]
@@ -274,7 +266,7 @@ class LLMSite:
         embeddings = surgery.original["position_embeddings"]
         if embeddings is not None:
             if self.mode == "keep":
-                kwargs["position_embeddings"] = tuple(_gather_tokens(item, columns) for item in embeddings)
+                kwargs["position_embeddings"] = tuple(gather_columns(item, columns) for item in embeddings)
             else:
                 kwargs["position_embeddings"] = self.model.rotary_emb(hidden, position_ids=positions)
         return kwargs

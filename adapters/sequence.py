@@ -30,10 +30,7 @@ class ShortenedLayout:
 
     def take(self, values: torch.Tensor, fill: int | float) -> torch.Tensor:
         """``values [B, L, ...]`` (or ``[B, L]``) at the kept columns, ``fill`` at new padding."""
-        index = self.columns.clamp(min=0)
-        if values.dim() > 2:
-            index = index.view(*index.shape, *(1,) * (values.dim() - 2)).expand(-1, -1, *values.shape[2:])
-        out = values.gather(1, index)
+        out = gather_columns(values, self.columns.clamp(min=0))
         pad = self.columns < 0
         if pad.any():
             out = out.masked_fill(pad.view(*pad.shape, *(1,) * (values.dim() - 2)), fill)
@@ -43,6 +40,13 @@ class ShortenedLayout:
         """A decode step's mask over ``L + t`` original columns -> over ``L_short + t`` columns."""
         head = self.take(attention_mask[:, :self.original_length], 0)
         return torch.cat([head, attention_mask[:, self.original_length:]], dim=1)
+
+
+def gather_columns(values: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``values [B|1, L, ...]`` at ``columns [B, L']`` along the sequence, per row (a batch of 1 is broadcast)."""
+    values = values.expand(columns.shape[0], *values.shape[1:])
+    index = columns.view(*columns.shape, *(1,) * (values.dim() - 2)).expand(-1, -1, *values.shape[2:])
+    return values.gather(1, index)
 
 
 def padding_side(attention_mask: torch.Tensor | None) -> str:
