@@ -515,10 +515,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     try:
+        from .cost import parse_configuration
+
         for spec in args.policies:
             if spec.strip().lower() not in ("none", "unpatched"):
-                for part in spec.split("+"):
-                    vtprune.make_policy(part)
+                parse_configuration(spec)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"vtprune bench: {error}") from None
     if getattr(args, "report", "speed") == "cost":

@@ -32,6 +32,7 @@ from torch import nn
 import vtprune
 from vtprune import flops
 
+from .cost import parse_configuration
 from .results import RunDirectory, merge_rows, write_atomic
 from .tasks import get_task
 
@@ -81,8 +82,7 @@ def baseline_specs(model: nn.Module, specs: list[str]) -> list[str]:
     tower, extra = arch.vision, []
     rows, cols = tower.grid
     for spec in specs:
-        for part in spec.split("+"):
-            policy = vtprune.make_policy(part)
+        for policy in parse_configuration(spec):
             if policy.name in ("randomkeep", "pool2d"):
                 continue
             budget = policy.handed_on(tower.num_patches, tower.num_prefix_tokens, arch.drop_prefix)
@@ -96,7 +96,7 @@ def baseline_specs(model: nn.Module, specs: list[str]) -> list[str]:
 
 
 def canonical(spec: str) -> str:
-    return "+".join(str(vtprune.make_policy(part)) for part in spec.split("+"))
+    return "+".join(map(str, parse_configuration(spec)))
 
 
 def load_model(spec: str, weights: str, device: str, dtype: torch.dtype, seed: int,
@@ -174,7 +174,8 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                        getattr(task, "hf_auto", "AutoModelForImageTextToText"))
     if config.baselines:
         specs += [spec for spec in baseline_specs(model, specs) if canonical(spec) not in map(canonical, specs)]
-    labels = [UNPRUNED] + [canonical(spec) for spec in specs]
+    configured = {canonical(spec): parse_configuration(spec) for spec in specs}  # parsed once, applied per batch
+    labels = [UNPRUNED, *configured]
     order = {(label, sample.id): index for index, (label, sample) in
              enumerate((label, sample) for label in labels for sample in samples)}
     samples = samples[rank::world]
@@ -182,7 +183,6 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     directory = RunDirectory(config.out, config.resolved(), rows_name=rows_name, write_config=rank == 0)
     task.prepare(model, data, config.model)
     target = task.target(model)
-    handles = {}
     traces: dict[str, Any] = {}
     timings = {label: Timing() for label in labels}
     batches = [samples[i:i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
@@ -205,11 +205,10 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 timings[UNPRUNED].seconds.append(seconds)
                 timings[UNPRUNED].images += len(batch)
             outputs = {UNPRUNED: reference}
-            for label, spec in zip(labels[1:], specs):
+            for label in labels[1:]:
                 if label not in missing or images is None:
                     continue
-                policies = [vtprune.make_policy(part) for part in spec.split("+")]
-                handle = vtprune.apply(target, policies)
+                handle = vtprune.apply(target, configured[label])
                 try:
                     outputs[label], seconds = _timed(lambda: task.forward(model, images), config.device)
                     traces[label] = handle.trace
@@ -217,7 +216,6 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                     handle.remove()
                 timings[label].seconds.append(seconds)
                 timings[label].images += len(batch)
-                handles[label] = policies
             rows = []
             for label in missing:
                 readable = 0
@@ -243,7 +241,7 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     merged = merge_rows(directory.path, [f"results.rank{r}.jsonl" for r in range(world)] if world > 1 else [],
                         order)
     directory.rows = [row for row in merged if (row["configuration"], row["sample"]) in order]  # this run's samples
-    summary = summarise(config, task, target, directory, labels, traces, timings, handles)
+    summary = summarise(config, task, target, directory, labels, traces, timings, configured)
     summary["processes"] = world
     write_outputs(directory.path, summary, task)
     if world > 1:
@@ -288,7 +286,7 @@ def _environment(config: EvalConfig, model: nn.Module) -> dict[str, Any]:
             "cpu": platform.processor() or platform.machine()}
 
 
-def summarise(config, task, model, directory: RunDirectory, labels, traces, timings, handles) -> dict[str, Any]:
+def summarise(config, task, model, directory: RunDirectory, labels, traces, timings, configured) -> dict[str, Any]:
     """Per configuration: metrics (raw and % of unpruned), errors, tokens, FLOPs, latency."""
     rows_by_label: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
     wanted = {label for label in labels}
@@ -305,7 +303,7 @@ def summarise(config, task, model, directory: RunDirectory, labels, traces, timi
         entry: dict[str, Any] = {"configuration": label, "samples": len(rows),
                                  "errors": sum(row.get("error") is not None for row in rows),
                                  "metrics": metrics, "percent_of_unpruned": relative}
-        entry.update(_cost(model, label, traces.get(label), handles.get(label)))
+        entry.update(_cost(model, label, traces.get(label), configured.get(label)))
         timing = timings[label]
         entry["latency_s_per_batch"] = statistics.median(timing.seconds) if timing.seconds else None
         entry["latency_s_per_image"] = (sum(timing.seconds) / timing.images) if timing.images else None
