@@ -45,7 +45,7 @@ from .anyres import pack_reduced
 from .base import Inspection
 from .hf_clip import AttentionTaps, _has_cls, _is_vision_tower, attention_signal, encoder_layer_forward, projections_for
 from .hf_llm import LLMSite
-from .llava_prompt import expand_tagged, language_forward, tag_image_features
+from .llava_prompt import check_feature_layer, expand_tagged, language_forward, tag_image_features
 from .patching import Patch, forward_of
 from .reduction_point import reduce_at, refuse_gradient_checkpointing
 
@@ -191,10 +191,8 @@ def _checked_feature_layer(function, config_layer: int):
     signature = inspect.signature(function)
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        layer = signature.bind_partial(*args, **kwargs).arguments.get("vision_feature_layer")
-        if layer is not None and layer != config_layer:
-            raise ValueError(f"vtprune patched this LLaVA for vision_feature_layer={config_layer} (its config); "
-                             f"got vision_feature_layer={layer!r} at call time")
+        check_feature_layer(signature.bind_partial(*args, **kwargs).arguments.get("vision_feature_layer"),
+                            config_layer)
         return function(*args, **kwargs)
 
     call.__wrapped__ = function  # type: ignore[attr-defined]

@@ -92,6 +92,13 @@ def expand_tagged(original, placeholder: int):
     return expand
 
 
+def check_feature_layer(layer: Any, config_layer: int) -> None:
+    """A call-time ``vision_feature_layer`` must be the config's, which the patch was built for."""
+    if layer is not None and layer != config_layer:
+        raise ValueError(f"vtprune patched this LLaVA for vision_feature_layer={config_layer} (its config); "
+                         f"got vision_feature_layer={layer!r} at call time")
+
+
 def language_forward(model: nn.Module, inner: nn.Module, runtime: Runtime, config_layer: int,
                       site: "LLMSite | None" = None):
     """The outermost forward: encode images with the policies, shorten the prompt to the visual tokens kept,
@@ -104,10 +111,7 @@ def language_forward(model: nn.Module, inner: nn.Module, runtime: Runtime, confi
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         named = _named_arguments(signature, args, kwargs)
-        layer = named.get("vision_feature_layer")
-        if layer is not None and layer != config_layer:
-            raise ValueError(f"vtprune patched this LLaVA for vision_feature_layer={config_layer} (its config); "
-                             f"got vision_feature_layer={layer!r} at call time")
+        check_feature_layer(named.get("vision_feature_layer"), config_layer)
         state = runtime.active()
         encoded = named.get("mm_encoder_outputs") or {}
         counts = None
