@@ -48,14 +48,27 @@ def jsonl_items(data: Path, task: str, shape: str, build: Callable[[dict[str, An
 
 
 class Task(Protocol):
+    """What the runner needs from a task. ``columns``: ``(metric, title, scale, digits)`` for the report, the
+    first one the headline; ``relative``: metrics also given as % of unpruned; ``report_note``: what the
+    columns mean; ``hf_auto``: the transformers auto class for ``hf:`` model specs."""
+
     name: str
     families: tuple[str, ...]
+    columns: tuple[tuple[str, str, float, int], ...]
+    relative: tuple[str, ...]
+    report_note: str
 
     def samples(self, data: Path) -> list[Sample]: ...
 
-    def inputs(self, model: Any, samples: list[Sample]) -> tuple[torch.Tensor, list[str | None]]: ...
+    def prepare(self, model: Any, data: Path, spec: str) -> None: ...
 
-    def score(self, output: torch.Tensor, reference: torch.Tensor, sample: Sample) -> dict[str, Any]: ...
+    def target(self, model: Any) -> Any: ...
+
+    def inputs(self, model: Any, samples: list[Sample]) -> tuple[Any, list[str | None]]: ...
+
+    def forward(self, model: Any, inputs: Any) -> Any: ...
+
+    def score(self, output: Any, reference: Any, sample: Sample) -> dict[str, Any]: ...
 
     def summarise(self, rows: list[dict[str, Any]]) -> dict[str, float]: ...
 
