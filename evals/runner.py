@@ -211,7 +211,8 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 handle = vtprune.apply(target, configured[label])
                 try:
                     outputs[label], seconds = _timed(lambda: task.forward(model, images), config.device)
-                    traces[label] = handle.trace
+                    if handle.trace is not None:  # None after a batch of text-only items
+                        traces[label] = handle.trace
                 finally:
                     handle.remove()
                 timings[label].seconds.append(seconds)

@@ -2,8 +2,10 @@
 scores one output against its label and against the unpruned model's output (fidelity), and summarises.
 
 Shipped: ``classification`` (timm models on an ImageNet-style folder: top-1 / top-5, agreement with the
-unpruned model's top-1, KL(unpruned || pruned) of the class distributions) and ``zeroshot`` (the same
-for open_clip models, CLIP zero-shot from the folder names).
+unpruned model's top-1, KL(unpruned || pruned) of the class distributions), ``zeroshot`` (the same for
+CLIP models, zero-shot from the class names), ``retrieval`` (CLIP image-text recall@k) and ``vqa``
+(LLaVA-family models: VQA accuracy, POPE F1, multiple choice, MME). :mod:`.benchmarks` converts the
+public benchmark files into the JSONL these tasks read.
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".ti
 @dataclass(frozen=True)
 class Sample:
     """One image: ``id`` (its path relative to the data), ``label`` (class index, or the image's index),
-    ``texts`` (its captions, for retrieval)."""
+    ``texts`` (its captions, for retrieval). ``path`` is ``None`` for a text-only VQA item."""
 
     id: str
-    path: Path
+    path: Path | None
     label: int
     texts: tuple[str, ...] = ()
 
@@ -156,8 +158,10 @@ class ClassificationTask:
 
 class ZeroShotTask(ClassificationTask):
     """CLIP zero-shot classification (open_clip models, or Hugging Face CLIP/SigLIP checkpoints: ``hf:PATH``)
-    on an ImageNet-style folder: the class names are the
-    sub-folder names (``_`` read as a space), each turned into the prompt ``"a photo of a {name}."``; the
+    on an ImageNet-style folder: the class names are the lines of ``DATA/classnames.txt`` when it exists
+    (one per class sub-folder, in sorted sub-folder order; ``vtprune prepare imagenet-classnames`` writes
+    CLIP's ImageNet names), else the sub-folder names (``_`` read as a space); each is turned into the
+    single prompt ``"a photo of a {name}."``; the
     class scores are ``logit_scale · cos(image, prompt)`` (CLIP's). Policies apply to the image tower
     (``model.visual``; ``model.vision_model`` for Hugging Face); the text tower is unchanged and its
     embeddings are computed once per run."""
@@ -218,8 +222,22 @@ class ZeroShotTask(ClassificationTask):
             return getattr(output, "pooler_output", output)
         return model.encode_image(images)
 
+    @staticmethod
+    def class_names(data: Path) -> list[str]:
+        """The class names, in label order: ``DATA/classnames.txt`` (one line per class sub-folder) or the
+        sub-folder names with ``_`` read as a space."""
+        folders = [entry.name for entry in sorted(data.iterdir()) if entry.is_dir()]
+        listed = data / "classnames.txt"
+        if not listed.is_file():
+            return [name.replace("_", " ") for name in folders]
+        names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+        if len(names) != len(folders):
+            raise ValueError(f"{listed} lists {len(names)} class names but {data} has {len(folders)} class "
+                             "sub-folders; expected one name per sub-folder, in sorted sub-folder order")
+        return names
+
     def prepare(self, model: Any, data: Path, spec: str) -> None:
-        names = [entry.name.replace("_", " ") for entry in sorted(data.iterdir()) if entry.is_dir()]
+        names = self.class_names(data)
         encode = self._encode_texts(model, spec)
         with torch.inference_mode():
             text = encode([self.template.format(name) for name in names])
@@ -318,10 +336,46 @@ def yes_no(text: str) -> str:
     return "no" if ("no" in first or "not" in first) else "yes"
 
 
+def mme_label(text: str) -> str:
+    """MME's reading of an answer (official ``calculation.py``): the lower-cased answer if it is ``"yes"`` or
+    ``"no"``, else ``"yes"`` or ``"no"`` if its first four characters contain it (``"yes"`` checked first),
+    else ``"other"`` (always wrong)."""
+    text = text.strip().lower()
+    if text in ("yes", "no"):
+        return text
+    return "yes" if "yes" in text[:4] else "no" if "no" in text[:4] else "other"
+
+
+def choice_letter(text: str, count: int) -> str:
+    """The option letter of a multiple-choice answer, read as LLaVA's ``eval_science_qa.py`` reads it: the whole
+    answer when it is one of the first ``count`` letters, the first character when the answer starts with
+    ``"X. "``, the letter of a single ``"The answer is X."``; ``""`` (wrong) otherwise."""
+    import re
+
+    text, letters = text.strip(), "ABCDEFGHIJ"[:count]
+    if len(text) == 1 and text in letters:
+        return text
+    if len(text) >= 3 and text[0] in letters and text[1:3] == ". ":
+        return text[0]
+    found = re.findall(r"The answer is ([A-Z])\.", text)
+    return found[0] if len(found) == 1 and found[0] in letters else ""
+
+
+def vqa_accuracy(answer: str, references: list[str]) -> float:
+    """VQA accuracy of a normalised answer against normalised references (VQAv2's and TextVQA's official
+    evaluators): the mean over the leave-one-out subsets of the references of ``min(#matching / 3, 1)``; for
+    10 references, ``min(m / 3, 1)`` averaged over the 10 subsets of 9. With one reference, ``min(m / 3, 1)``."""
+    matching = sum(answer == item for item in references)
+    if len(references) < 2:
+        return min(matching / 3, 1.0)
+    total = len(references)
+    return ((total - matching) * min(matching / 3, 1.0) + matching * min((matching - 1) / 3, 1.0)) / total
+
+
 @dataclass(frozen=True)
 class Question:
-    """One VQA item: an image, the question, the reference answers, optional choices, optional category
-    (MME's subtask names make MME scores)."""
+    """One VQA item: the question, the reference answers, optional choices, optional category (MME's subtask
+    names make MME scores, POPE's split names POPE's per-split F1)."""
 
     question: str
     answers: tuple[str, ...]
@@ -332,13 +386,14 @@ class Question:
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                   "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+POPE_SPLITS = ("adversarial", "popular", "random")
 
 
 def mme_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
     """MME (Fu et al. 2023; official ``calculation.py``): per subtask ``100 · (acc + acc+)`` with ``acc`` the
-    share of questions answered right (an answer reads as yes/no by its first word, anything else is wrong)
-    and ``acc+`` the share of images whose questions are all right; perception = the sum over its 10
-    subtasks (max 2000), cognition over its 4 (max 800); ``nan`` when the rows hold none of them."""
+    share of questions answered right (the answer read by :func:`mme_label`) and ``acc+`` the share of images
+    whose questions are all right; perception = the sum over its 10 subtasks (max 2000), cognition over its
+    4 (max 800); ``nan`` when the rows hold none of them."""
     by_category: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("category") in MME_PERCEPTION + MME_COGNITION:
@@ -356,34 +411,72 @@ def mme_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {"mme_perception": total(MME_PERCEPTION), "mme_cognition": total(MME_COGNITION)}
 
 
+def yes_no_scores(pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """POPE's scores (``eval_pope.py``) of ``(prediction, reference)`` yes/no pairs, "yes" the positive class:
+    precision, recall, F1 and accuracy; ``nan`` where a denominator is zero."""
+    nan = float("nan")
+    tp = sum(p == "yes" and r == "yes" for p, r in pairs)
+    fp = sum(p == "yes" and r == "no" for p, r in pairs)
+    fn = sum(p == "no" and r == "yes" for p, r in pairs)
+    precision = tp / (tp + fp) if tp + fp else nan
+    recall = tp / (tp + fn) if tp + fn else nan
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else nan  # nan + x stays nan
+    accuracy = sum(p == r for p, r in pairs) / len(pairs) if pairs else nan
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy}
+
+
+def pope_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """POPE as papers report it: F1 of each split (rows whose ``category`` is ``adversarial``, ``popular`` or
+    ``random``; :func:`yes_no_scores`) as ``pope_f1_<split>``, and ``pope_f1`` their mean over the splits
+    present (the "POPE" column of FlowCut, TransPrune, VisionZip and LLaVA-1.5); ``nan`` without them."""
+    nan = float("nan")
+    scores = {}
+    for split in POPE_SPLITS:
+        pairs = [(row["yesno_prediction"], row["yesno_reference"]) for row in rows
+                 if row.get("category") == split and "yesno_prediction" in row]
+        scores[f"pope_f1_{split}"] = yes_no_scores(pairs)["f1"] if pairs else nan
+    present = [scores[f"pope_f1_{split}"] for split in POPE_SPLITS
+               if any(row.get("category") == split for row in rows)]
+    return {"pope_f1": sum(present) / len(present) if present else nan, **scores}
+
+
 class VQATask:
     """Visual question answering for LLaVA-family models (``hf:PATH``) from a LLaVA-style JSONL file, one
-    item per line: ``{"image": "path relative to the file", "question": "...", "answers": ["...", ...]}``
-    (``"text"`` for the question and ``"answer"`` for a single answer are accepted; ``"choices"`` makes it
-    multiple choice, answered by letter). Greedy generation of ``max_new_tokens`` with the model's chat
-    template (or ``"USER: <image>\n{question} ASSISTANT:"``), left padding.
+    item per line: ``{"image": "path relative to the file, or absolute", "question": "...", "answers": [...]}``
+    (``"text"`` for the question and ``"answer"`` for a single answer are accepted; no ``"image"`` (or
+    ``null``) makes a text-only item, as ScienceQA's; ``"choices"`` makes it multiple choice, prompted as
+    ``question\\nA. choice\\nB. choice\\nAnswer with the option's letter from the given choices directly.``;
+    ``"category"``: a POPE split or an MME subtask makes their scores; ``"question_id"``: the sample id).
+    :mod:`.benchmarks` (``vtprune prepare``) writes this form from LLaVA's eval files. Greedy generation
+    of ``max_new_tokens`` with the model's chat template (or ``"USER: <image>\\n{question} ASSISTANT:"``), left
+    padding; rows with and without an image are generated separately.
 
-    Metrics: ``exact`` (normalised prediction equals a normalised reference), ``vqa`` (VQAv2:
-    ``min(#references equal to the prediction / 3, 1)``), POPE-style ``yes/no`` precision, recall, F1 and
-    accuracy over the items whose references are yes/no (F1 is the number papers report per split),
-    ``choice`` accuracy over multiple-choice items, MME perception and cognition scores for items whose
-    ``"category"`` is an MME subtask (:func:`mme_scores`; both reported separately, as papers mix them),
-    and ``agreement`` with the unpruned model's answer."""
+    Metrics: ``exact`` (normalised prediction equals a normalised reference), ``vqa`` (:func:`vqa_accuracy`),
+    ``yesno_*`` precision, recall, F1 and accuracy over all the items whose references are yes/no (a "no" or
+    "not" in the first sentence reads as no; :func:`yes_no_scores`), ``pope_f1`` and ``pope_f1_<split>``
+    (:func:`pope_scores`), ``choice`` accuracy over multiple-choice items (letter read by :func:`choice_letter`)
+    and ``choice_img`` over those with an image (ScienceQA's IMG), MME perception and cognition scores for
+    items whose ``"category"`` is an MME subtask (:func:`mme_scores`; both reported separately, as papers mix
+    them), and ``agreement`` with the unpruned model's answer."""
 
     name = "vqa"
     families = ("hf-llava",)
     hf_auto = "AutoModelForImageTextToText"
     max_new_tokens = 16
-    metrics = ("exact", "vqa", "yesno_f1", "yesno_accuracy", "yesno_precision", "yesno_recall", "choice",
-               "mme_perception", "mme_cognition", "agreement")
+    metrics = ("exact", "vqa", "yesno_f1", "yesno_accuracy", "yesno_precision", "yesno_recall", "pope_f1",
+               *(f"pope_f1_{split}" for split in POPE_SPLITS), "choice", "choice_img", "mme_perception",
+               "mme_cognition", "agreement")
     columns = (("exact", "exact %", 100, 2), ("vqa", "VQA acc %", 100, 2), ("yesno_f1", "yes/no F1 %", 100, 2),
-               ("choice", "choice %", 100, 2), ("mme_perception", "MME P", 1, 1), ("mme_cognition", "MME C", 1, 1),
-               ("agreement", "agreement %", 100, 2))
-    relative = ("exact", "vqa", "yesno_f1", "choice", "mme_perception", "mme_cognition")
-    report_note = ("exact: normalised answer equals a reference; VQA acc: min(#references matching / 3, 1); yes/no "
-                   "F1: POPE's, over the yes/no items (a 'no'/'not' in the first sentence reads as no); choice: "
-                   "multiple-choice accuracy by letter; MME P / C: perception (max 2000) and cognition (max 800) "
-                   "scores, 100·(acc + acc+) summed over subtasks; agreement: the answer equals the unpruned model's.")
+               ("pope_f1", "POPE F1 %", 100, 2), ("choice", "choice %", 100, 2), ("choice_img", "choice IMG %", 100, 2),
+               ("mme_perception", "MME P", 1, 1), ("mme_cognition", "MME C", 1, 1), ("agreement", "agreement %", 100, 2))
+    relative = ("exact", "vqa", "yesno_f1", "pope_f1", "choice", "choice_img", "mme_perception", "mme_cognition")
+    report_note = ("exact: normalised answer equals a reference; VQA acc: min(#references matching / 3, 1) averaged "
+                   "over the leave-one-out subsets of the references (VQAv2/TextVQA); yes/no F1: over all yes/no "
+                   "items (a 'no'/'not' in the first sentence reads as no); POPE F1: the F1 of each POPE split "
+                   "(adversarial, popular, random), averaged over the splits present; choice: multiple-choice "
+                   "accuracy by letter, choice IMG: over the items with an image (ScienceQA IMG); MME P / C: "
+                   "perception (max 2000) and cognition (max 800) scores, 100·(acc + acc+) summed over subtasks; "
+                   "agreement: the answer equals the unpruned model's.")
 
     def __init__(self) -> None:
         self._processors: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
@@ -395,16 +488,23 @@ class VQATask:
             answers = (answers,) if isinstance(answers, str) else tuple(answers)
             question = Question(item.get("question", item.get("text")), tuple(map(str, answers)),
                                 tuple(item.get("choices", ())), item.get("category"))
-            if not question.question or not question.answers or "image" not in item:
-                raise KeyError("image/question/answers")
+            if not question.question or not question.answers:
+                raise KeyError("question/answers")
+            if item.get("image") is not None and not isinstance(item["image"], str):
+                raise TypeError("image must be a path or null")
             return item, question
 
         items = jsonl_items(data, "vqa", '{"image": ..., "question": ..., "answers": [...]}', build)
-        samples = []
+        samples, seen = [], set()
         for index, (item, question) in enumerate(items):
-            sample_id = str(item.get("question_id", f"{index}:{item['image']}"))
+            image = item.get("image")
+            sample_id = str(item.get("question_id", f"{index}:{image}"))
+            if sample_id in seen:
+                raise ValueError(f"{data}: question_id {sample_id!r} appears more than once; expected one line "
+                                 "per question with a unique question_id")
+            seen.add(sample_id)
             self._questions[sample_id] = question
-            samples.append(Sample(id=sample_id, path=data.parent / item["image"], label=index))
+            samples.append(Sample(id=sample_id, path=data.parent / image if image else None, label=index))
         return samples
 
     def prepare(self, model: Any, data: Path, spec: str) -> None:
@@ -417,16 +517,16 @@ class VQATask:
     def target(self, model: Any) -> Any:
         return model
 
-    def _prompt(self, processor: Any, question: Question) -> str:
+    def _prompt(self, processor: Any, question: Question, image: bool) -> str:
         text = question.question
         if question.choices:
             letters = "ABCDEFGHIJ"
             text += "\n" + "\n".join(f"{letters[i]}. {choice}" for i, choice in enumerate(question.choices))
             text += "\nAnswer with the option's letter from the given choices directly."
         if getattr(processor, "chat_template", None):
-            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-            return processor.apply_chat_template(conversation, add_generation_prompt=True)
-        return f"USER: <image>\n{text} ASSISTANT:"
+            content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+            return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return f"USER: <image>\n{text} ASSISTANT:" if image else f"USER: {text} ASSISTANT:"
 
     def inputs(self, model: Any, samples: list[Sample]) -> tuple[Any, list[str | None]]:
         from PIL import Image
@@ -435,57 +535,77 @@ class VQATask:
         images, prompts, errors = [], [], []
         for sample in samples:
             try:
-                with Image.open(sample.path) as image:
-                    images.append(image.convert("RGB"))
-                prompts.append(self._prompt(processor, self._questions[sample.id]))
+                if sample.path is not None:
+                    with Image.open(sample.path) as image:
+                        images.append(image.convert("RGB"))
+                prompts.append(self._prompt(processor, self._questions[sample.id], sample.path is not None))
                 errors.append(None)
             except Exception as error:
                 errors.append(f"{type(error).__name__}: {error}")
-        if not images:
+        if not prompts:
             return None, errors
-        return processor(images=images, text=prompts, return_tensors="pt", padding=True), errors
+        return processor(images=images or None, text=prompts, return_tensors="pt", padding=True), errors
+
+    @staticmethod
+    def _image_token(model: Any) -> int | None:
+        config = model.config
+        token = getattr(config, "image_token_id", None)
+        return token if token is not None else getattr(config, "image_token_index", None)
 
     def forward(self, model: Any, inputs: Any) -> list[str]:
+        """Greedy answers, one per row. A batch mixing rows with and without an image runs as two generate
+        calls (text-only rows first), so LLM-site policies see the same visual token count in every row and the
+        policy's trace is that of the image rows."""
         processor = self._processors[model]
-        generated = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        token = self._image_token(model)
+        with_image = (inputs["input_ids"] == token).any(1) if token is not None else None
+        if with_image is None or bool(with_image.all()) or not bool(with_image.any()):
+            groups = [(torch.arange(len(inputs["input_ids"])), dict(inputs))]
+        else:
+            rows = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in inputs]
+            text_rows = (~with_image).nonzero().flatten()
+            image_rows = with_image.nonzero().flatten()
+            groups = [(text_rows, {key: inputs[key][text_rows] for key in rows}),
+                      (image_rows, {**inputs, **{key: inputs[key][image_rows] for key in rows}})]
+        answers: list[str] = [""] * len(inputs["input_ids"])
+        for indices, batch in groups:
+            generated = model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False)
+            decoded = processor.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            for index, text in zip(indices.tolist(), decoded):
+                answers[index] = text
+        return answers
 
     def score(self, output: str, reference: str, sample: Sample) -> dict[str, Any]:
         question = self._questions[sample.id]
         answer = normalise_answer(output)
         references = [normalise_answer(item) for item in question.answers]
         row: dict[str, Any] = {"answer": output.strip(), "exact": float(answer in references),
-                               "vqa": min(sum(answer == item for item in references) / 3, 1.0),
+                               "vqa": vqa_accuracy(answer, references),
                                "agreement": float(answer == normalise_answer(reference))}
         if set(references) <= {"yes", "no"}:
             row["yesno_prediction"], row["yesno_reference"] = yes_no(output), references[0]
         if question.choices:
-            letter = next((char for char in output.strip().upper() if char.isalpha()), "")
-            row["choice"] = float(letter == references[0].upper()[:1])
+            letter = choice_letter(output, len(question.choices))
+            row["choice"] = float(letter != "" and letter == question.answers[0].strip().upper()[:1])
+            row["has_image"] = sample.path is not None
         if question.category is not None:
-            first = (answer.split() or [""])[0]
-            row.update(category=question.category, image=str(sample.path.name),
-                       mme_correct=float(first in ("yes", "no") and first == references[0]))
+            row.update(category=question.category, image=sample.path.name if sample.path is not None else None,
+                       mme_correct=float(mme_label(output) == references[0]))
         return row
 
     def summarise(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         scored = [row for row in rows if row.get("error") is None]
         nan = float("nan")
         mean = lambda key, items: (sum(row[key] for row in items) / len(items)) if items else nan  # noqa: E731
+        choices = [row for row in scored if "choice" in row]
         metrics = {"exact": mean("exact", scored), "vqa": mean("vqa", scored), "agreement": mean("agreement", scored),
-                   "choice": mean("choice", [row for row in scored if "choice" in row])}
+                   "choice": mean("choice", choices),
+                   "choice_img": mean("choice", [row for row in choices if row.get("has_image")])}
         pairs = [(row["yesno_prediction"], row["yesno_reference"]) for row in scored if "yesno_prediction" in row]
-        tp = sum(p == "yes" and r == "yes" for p, r in pairs)
-        fp = sum(p == "yes" and r == "no" for p, r in pairs)
-        fn = sum(p == "no" and r == "yes" for p, r in pairs)
-        precision = tp / (tp + fp) if tp + fp else nan
-        recall = tp / (tp + fn) if tp + fn else nan
-        metrics.update(yesno_precision=precision, yesno_recall=recall,
-                       yesno_f1=(2 * precision * recall / (precision + recall)) if pairs and precision + recall
-                       else nan,
-                       yesno_accuracy=(sum(p == r for p, r in pairs) / len(pairs)) if pairs else nan)
+        metrics.update({f"yesno_{name}": value for name, value in yes_no_scores(pairs).items()})
+        metrics.update(pope_scores(scored))
         metrics.update(mme_scores(scored))
-        return metrics
+        return {name: metrics[name] for name in self.metrics}
 
 
 TASKS: dict[str, Task] = {"classification": ClassificationTask(), "zeroshot": ZeroShotTask(),
