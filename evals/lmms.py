@@ -29,6 +29,7 @@ the run's ``throughput`` block in the results JSON (``avg_visual_tokens_in``, ``
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -84,14 +85,12 @@ class VtpruneLlava(lmms):
                              f"{', '.join(self._ACCEPTED[:-1])}")
         if not pretrained:
             raise ValueError("vtprune lmms-eval model: model_args needs pretrained=<hub id or local directory>")
-        from accelerate import Accelerator
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
         from transformers import LlavaNextForConditionalGeneration
 
-        accelerator = Accelerator()
-        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-        self.accelerator = accelerator
-        self._device = torch.device(_resolve_device(device, accelerator))
+        # lmms-eval shards requests by RANK / WORLD_SIZE (torchrun, accelerate launch) and sets these again
+        self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self._device = torch.device(_resolve_device(device))
         classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
         model_type = AutoConfig.from_pretrained(pretrained).model_type
         if model_type not in classes:
@@ -113,8 +112,6 @@ class VtpruneLlava(lmms):
                          else parse_configuration(self.policy_spec))
         self.handle = vtprune.apply(self._model, self.policies) if self.policies else None
         self.token_log = Path(token_log) if token_log else None
-        if self.token_log is not None and self._world_size > 1:
-            self.token_log = self.token_log.with_name(f"{self.token_log.stem}.rank{self._rank}{self.token_log.suffix}")
 
     # lmms-eval reads these
     @property
@@ -253,10 +250,14 @@ class VtpruneLlava(lmms):
         return records
 
     def _write_records(self, results: list[GenerationResult]) -> None:
+        """Append to ``token_log`` (``<stem>.rank<i><suffix>`` per process when there are several)."""
         if self.token_log is None:
             return
-        self.token_log.parent.mkdir(parents=True, exist_ok=True)
-        with self.token_log.open("a") as stream:
+        path = self.token_log
+        if self._world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{self._rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as stream:
             for record in self._records[-len(results):]:
                 stream.write(json.dumps({"policy": self.policy_spec, **record}) + "\n")
 
@@ -301,13 +302,14 @@ class VtpruneLlava(lmms):
                                   "accepted output types: generate_until, loglikelihood")
 
 
-def _resolve_device(device: str | None, accelerator: Any) -> str:
+def _resolve_device(device: str | None) -> str:
+    """``cuda`` / ``auto`` / nothing: ``cuda:LOCAL_RANK`` (one GPU per process) when CUDA is there."""
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"vtprune lmms-eval model: device={device!r} but CUDA is not available; "
                              "accepted here: cpu")
-        if accelerator.num_processes > 1:
-            return f"cuda:{accelerator.local_process_index}"
+        if device == "cuda" and "LOCAL_RANK" in os.environ:
+            return f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return str(device)

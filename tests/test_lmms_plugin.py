@@ -102,35 +102,57 @@ def test_the_entry_point_registers_the_model_with_lmms_eval():
     assert get_model("vtprune") is VtpruneLlava and get_model("vtprune_llava") is VtpruneLlava
 
 
-def test_lmms_eval_runs_a_local_task_with_a_pruned_llava(lab, tmp_path):
-    root, processor = lab
-    out, tokens = tmp_path / "out", tmp_path / "tokens.jsonl"
-    policy = "visionzip:dominant=5,contextual=1"  # commas inside the value: quoted, as lmms-eval expects
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    command = [sys.executable, "-m", "lmms_eval", "--model", "vtprune", "--model_args",
-               f'pretrained={root / "llava"},policy="{policy}",token_log={tokens}', "--tasks", "vtprune_tiny_vqa",
-               "--include_path", str(root / "tasks"), "--output_path", str(out), "--log_samples", "--device", "cpu",
-               "--batch_size", "2"]
+POLICY = "visionzip:dominant=5,contextual=1"  # commas inside the value: quoted, as lmms-eval expects
+
+
+def lmms_eval(root, out, launcher, batch_size=1):
+    """``python -m lmms_eval`` (or under ``torchrun``) with the plugin on the tiny task; returns the results
+    JSON and the sample log in document order."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(out / "hf"),
+               OMP_NUM_THREADS="1")
+    command = [*launcher, "-m", "lmms_eval", "--model", "vtprune", "--model_args",
+               f'pretrained={root / "llava"},policy="{POLICY}",token_log={out / "tokens.jsonl"}',
+               "--tasks", "vtprune_tiny_vqa", "--include_path", str(root / "tasks"), "--output_path", str(out),
+               "--log_samples", "--device", "cpu", "--batch_size", str(batch_size)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
     results = json.loads(open(glob.glob(str(out / "*" / "*_results.json"))[0]).read())
     samples = sorted((json.loads(line) for line in open(glob.glob(str(out / "*" / "*_samples_*.jsonl"))[0])),
                      key=lambda sample: sample["doc_id"])
-    answers, prompt_tokens, new_tokens = by_hand(root, processor, policy)
+    return results, samples
+
+
+def test_lmms_eval_runs_a_local_task_with_a_pruned_llava(lab, tmp_path):
+    root, processor = lab
+    results, samples = lmms_eval(root, tmp_path, [sys.executable], batch_size=2)
+    answers, prompt_tokens, new_tokens = by_hand(root, processor, POLICY)
     # the answers lmms-eval scored are the pruned model's own greedy answers (batched by 2, left padded)
     assert [sample["filtered_resps"] for sample in samples] == answers
     expected = np.mean([answer.strip() == item[1] for answer, item in zip(answers, ITEMS)])
     assert results["results"]["vtprune_tiny_vqa"]["exact_match,none"] == pytest.approx(expected)
-    # token counts: per sample in the sample log, summed in the results, per request in the token log
+    # token counts: per sample in the sample log, averaged in the results, per request in the token log
     assert [sample["token_counts"][0]["input_tokens"] for sample in samples] == prompt_tokens
     assert [sample["token_counts"][0]["output_tokens"] for sample in samples] == new_tokens
     assert results["throughput"]["avg_visual_tokens_in"] == 16 and results["throughput"]["avg_visual_tokens"] == 6
     assert results["throughput"]["avg_prefill_tflops"] > 0
-    log = [json.loads(line) for line in tokens.read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "tokens.jsonl").read_text().splitlines()]
     assert sorted(record["doc_id"] for record in log) == list(range(len(ITEMS)))
     assert {(record["policy"], record["visual_tokens_in"], record["visual_tokens"]) for record in log} == {
-        (policy, 16, 6)}
+        (POLICY, 16, 6)}
+
+
+def test_two_processes_under_torchrun_give_the_single_process_answers(lab, tmp_path):
+    root, processor = lab
+    results, samples = lmms_eval(root, tmp_path, [sys.executable, "-m", "torch.distributed.run",
+                                                  "--nproc_per_node", "2"])
+    answers, _, _ = by_hand(root, processor, POLICY)
+    assert [sample["filtered_resps"] for sample in samples] == answers  # sharded by lmms-eval, gathered once
+    expected = np.mean([answer.strip() == item[1] for answer, item in zip(answers, ITEMS)])
+    assert results["results"]["vtprune_tiny_vqa"]["exact_match,none"] == pytest.approx(expected)
+    logs = [[json.loads(line)["doc_id"] for line in (tmp_path / f"tokens.rank{rank}.jsonl").read_text().splitlines()]
+            for rank in (0, 1)]
+    # each process its own file; lmms-eval pads the shorter shard with a repeated request (5 docs, 2 ranks)
+    assert set(logs[0]) | set(logs[1]) == set(range(len(ITEMS))) and len(logs[0]) == len(logs[1]) == 3
 
 
 def instances(kind, arguments):
