@@ -1,0 +1,46 @@
+"""The vtprune-mini architectures, built from their configs with the host libraries' own classes, and the
+shipped weights loaded into them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+WEIGHTS = Path(__file__).with_name("assets")
+MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-split pixel mean and standard deviation (in [0, 1])
+
+# timm VisionTransformer on 28x28 images: patch 2 -> 196 patch tokens + CLS
+MINI_VIT = {"img_size": 28, "patch_size": 2, "in_chans": 3, "num_classes": 10, "embed_dim": 96, "depth": 6,
+            "num_heads": 3, "mlp_ratio": 2.0}
+
+
+def build_mini_vit() -> nn.Module:
+    """``mini-vit`` with random weights. Grey images are fed as 3 equal channels, so that the usual
+    RGB pipelines (PIL ``convert("RGB")``, timm's eval transform) work unchanged; ``pretrained_cfg`` tells
+    timm's ``resolve_data_config`` the input size and normalisation (no resize, no crop)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(**MINI_VIT)
+    model.pretrained_cfg = {"input_size": (3, 28, 28), "mean": (MEAN,) * 3, "std": (STD,) * 3, "crop_pct": 1.0,
+                            "interpolation": "bilinear", "num_classes": 10, "architecture": "mini-vit"}
+    return model
+
+
+BUILDERS = {"mini-vit": build_mini_vit}
+
+
+def load(name: str, weights: str = "trained") -> Any:
+    """A vtprune-mini model in eval mode: ``"mini-vit"``. ``weights="random"`` skips the shipped weights."""
+    from safetensors.torch import load_file
+
+    if name not in BUILDERS:
+        raise ValueError(f"unknown vtprune-mini model {name!r}; accepted: {', '.join(BUILDERS)}")
+    if weights not in ("trained", "random"):
+        raise ValueError(f"weights={weights!r}; accepted: trained, random")
+    model = BUILDERS[name]()
+    if weights == "trained":
+        state = load_file(WEIGHTS / f"{name}.safetensors")
+        model.load_state_dict({key: value.to(torch.float32) for key, value in state.items()})
+    return model.eval()

@@ -1,0 +1,134 @@
+"""Train a vtprune-mini model: ``python -m vtprune.evals.mini.train vit [--data DIR] [--seed 0] [--epochs 6]``.
+
+Seeded and CPU-friendly (2 cores). Writes ``<name>.safetensors`` (float16) and ``<name>.json`` (the command,
+seed, epochs, wall time, machine, per-epoch test accuracy) to ``--out`` (default: the package's
+``assets/``, where :func:`vtprune.evals.mini.models.load` reads them). Accuracy is measured on the whole
+Fashion-MNIST test split (10 000 images) and on the shipped evaluation set (2 000 of them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import DEFAULT_ROOT, eval_indices, load_split
+from .models import MEAN, STD, WEIGHTS, build_mini_vit
+
+
+def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, 28, 28]`` -> normalised float ``[N, 3, 28, 28]`` (the grey channel three times)."""
+    x = torch.as_tensor(images).float().div(255).sub(MEAN).div(STD)
+    return x[:, None].expand(-1, 3, -1, -1)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to 2 pixels (zero padding) and horizontal flips, per image."""
+    n = images.shape[0]
+    padded = F.pad(images, (2, 2, 2, 2))
+    dx = torch.randint(0, 5, (n,), generator=generator)
+    dy = torch.randint(0, 5, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(28))[:, :, None].expand(n, 28, 28)
+    cols = (dx[:, None] + torch.arange(28))[:, None, :].expand(n, 28, 28)
+    shifted = padded[torch.arange(n)[:, None, None], rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    shifted[flip] = shifted[flip].flip(-1)
+    return shifted
+
+
+def accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(labels), batch):
+            logits = model(to_input(images[start:start + batch]))
+            correct += int((logits.argmax(-1) == torch.as_tensor(labels[start:start + batch])).sum())
+    return correct / len(labels)
+
+
+def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 128, lr: float = 1e-3,
+              weight_decay: float = 0.05, warmup_steps: int = 300) -> tuple[torch.nn.Module, dict]:
+    """AdamW, linear warm-up then cosine decay, label smoothing 0.1, shift + flip augmentation."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train, test = load_split("train", data), load_split("test", data)
+    held_out = eval_indices(test.labels)
+    model = build_mini_vit()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=lr)
+    steps_per_epoch = len(train) // batch_size
+    total = steps_per_epoch * epochs
+    schedule = lambda step: (step + 1) / warmup_steps if step < warmup_steps else \
+        0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    images, labels = torch.as_tensor(train.images), torch.as_tensor(train.labels)
+    history = []
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            index = order[step * batch_size:(step + 1) * batch_size]
+            x = to_input(augment(images[index], generator))
+            loss = F.cross_entropy(model(x), labels[index], label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += float(loss)
+        record = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
+                  "test_top1": accuracy(model, test.images, test.labels),
+                  "eval_set_top1": accuracy(model, test.images[held_out], test.labels[held_out]),
+                  "minutes": (time.perf_counter() - started) / 60}
+        history.append(record)
+        print(json.dumps(record), flush=True)
+    return model.eval(), {"history": history}
+
+
+TRAINERS = {"vit": ("mini-vit", train_vit)}
+DEFAULT_EPOCHS = {"vit": 6}
+
+
+def save(model: torch.nn.Module, name: str, out: Path, record: dict) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.detach().to(torch.float16).contiguous() for key, value in model.state_dict().items()},
+              out / f"{name}.safetensors")
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vtprune.evals.mini.train", description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=sorted(TRAINERS))
+    parser.add_argument("--data", type=Path, default=DEFAULT_ROOT, help="directory of the Fashion-MNIST IDX files")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    name, trainer = TRAINERS[args.model]
+    epochs = args.epochs or DEFAULT_EPOCHS[args.model]
+    started = time.perf_counter()
+    model, record = trainer(args.data, args.seed, epochs)
+    record.update(model=name, seed=args.seed, epochs=epochs, command=" ".join(["python -m vtprune.evals.mini.train",
+                                                                               *sys.argv[1:]]),
+                  wall_minutes=(time.perf_counter() - started) / 60, torch=torch.__version__,
+                  machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    save(model, name, args.out, record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
