@@ -1,4 +1,5 @@
-"""The ``vtprune`` command line. One subcommand per eval tool: ``bench``, ``eval``, ``flops``.
+"""The ``vtprune`` command line. One subcommand per eval tool: ``bench``, ``eval``, ``flops``,
+``prepare``.
 
 To add a subcommand, write a module in ``evals/`` with ``HELP`` (one line), ``add_arguments(parser)``
 and ``run_from_args(args) -> int``, and list it in :data:`SUBCOMMANDS`.
@@ -9,7 +10,8 @@ import argparse
 import importlib
 from typing import Sequence
 
-SUBCOMMANDS = {"bench": "vtprune.evals.bench", "eval": "vtprune.evals.eval_cli", "flops": "vtprune.evals.flops_cli"}
+SUBCOMMANDS = {"bench": "vtprune.evals.bench", "eval": "vtprune.evals.eval_cli", "flops": "vtprune.evals.flops_cli",
+               "prepare": "vtprune.evals.prepare_cli"}
 
 
 def build_parser() -> argparse.ArgumentParser:
