@@ -48,7 +48,7 @@ def convert(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The items of ``args.benchmark`` (image paths still relative to ``--images``)."""
     from . import benchmarks
 
-    task, questions, answers = BENCHMARKS[args.benchmark]
+    _, questions, answers = BENCHMARKS[args.benchmark]
     missing = [flag for flag, needed in (("--questions", questions), ("--answers", answers))
                if needed and not getattr(args, flag[2:])]
     if missing:
