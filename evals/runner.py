@@ -39,9 +39,13 @@ from .tasks import get_task
 UNPRUNED = "none (unpruned)"
 
 
+MINI_DATA = "mini"  # --data mini: the evaluation set shipped with vtprune-mini, written under OUT/mini-data
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """What a run is. ``model``: ``timm:NAME``, ``open_clip:ARCH/PRETRAINED`` or ``hf:PATH_OR_ID``;
+    """What a run is. ``model``: ``timm:NAME``, ``open_clip:ARCH/PRETRAINED``, ``hf:PATH_OR_ID`` or ``mini:NAME``;
+    ``data``: the task's data path, or ``"mini"`` for the shipped vtprune-mini evaluation set;
     ``weights``: ``"pretrained"`` or ``"random"`` (smoke tests); ``baselines``: add the random and pooling
     baselines at each vision-language policy's budget (:func:`baseline_specs`)."""
 
@@ -62,7 +66,7 @@ class EvalConfig:
         """The configuration as saved with the results (policies in their canonical spec form)."""
         data = asdict(self)
         data["policies"] = [canonical(spec) for spec in self.policies]
-        data["data"] = str(Path(self.data).resolve())
+        data["data"] = self.data if self.data == MINI_DATA else str(Path(self.data).resolve())
         data.pop("out")
         return data
 
@@ -102,7 +106,8 @@ def canonical(spec: str) -> str:
 def load_model(spec: str, weights: str, device: str, dtype: torch.dtype, seed: int,
                hf_auto: str = "AutoModelForImageTextToText") -> nn.Module:
     """A model from ``library:name`` (``timm:vit_base_patch16_224``, ``open_clip:ViT-B-32/openai``,
-    ``hf:llava-hf/llava-1.5-7b-hf``); ``hf_auto`` names the transformers auto class for ``hf:`` specs."""
+    ``hf:llava-hf/llava-1.5-7b-hf``, ``mini:vit`` for the shipped vtprune-mini models); ``hf_auto`` names the
+    transformers auto class for ``hf:`` specs."""
     library, _, name = spec.partition(":")
     if weights not in ("pretrained", "random"):
         raise ValueError(f"--weights must be 'pretrained' or 'random', got {weights!r}")
@@ -137,7 +142,15 @@ def load_model(spec: str, weights: str, device: str, dtype: torch.dtype, seed: i
         else:
             model = auto.from_pretrained(name)
         return model.to(device=device, dtype=dtype).eval()
-    raise ValueError(f"model spec {spec!r}: expected timm:NAME, open_clip:ARCH/PRETRAINED or hf:PATH_OR_ID")
+    if library == "mini" and name:
+        from .mini import load
+
+        torch.manual_seed(seed)
+        model = load(name if name.startswith("mini-") else f"mini-{name}",
+                     weights="trained" if weights == "pretrained" else "random")
+        return model.to(device=device, dtype=dtype).eval()
+    raise ValueError(f"model spec {spec!r}: expected timm:NAME, open_clip:ARCH/PRETRAINED, hf:PATH_OR_ID or "
+                     "mini:NAME (vit)")
 
 
 @dataclass
@@ -160,7 +173,12 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the evaluation; returns the summary (also written to ``config.out``)."""
     task = get_task(config.task)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
-    data = Path(config.data)
+    if config.data == MINI_DATA:
+        from .mini.suite import materialise
+
+        data = materialise(task.name, Path(config.out) / "mini-data")
+    else:
+        data = Path(config.data)
     samples = task.samples(data)
     if config.limit is not None:
         samples = samples[:config.limit]

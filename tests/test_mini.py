@@ -1,0 +1,90 @@
+"""vtprune-mini: the Fashion-MNIST reader, the shipped evaluation set, the shipped models' accuracy, and the
+runner on them (`--model mini:NAME --data mini`)."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vtprune.evals.mini import CLASS_NAMES, eval_set, load
+from vtprune.evals.mini.data import eval_indices, load_split, read_idx
+from vtprune.evals.mini.suite import image_folder
+from vtprune.evals.mini.train import augment, to_input
+from vtprune.evals.runner import EvalConfig, run
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(size).to_bytes(4, "big") for size in array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as stream:
+        stream.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_files_are_read_plain_or_gzipped_and_bad_ones_are_named(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (30, 28, 28)), np.arange(30) % 10
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels)
+    split = load_split("test", tmp_path)
+    assert np.array_equal(split.images, images) and np.array_equal(split.labels, labels)
+    (tmp_path / "bad").write_bytes(b"\x08\x00\x00\x01" + bytes(8))
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+        read_idx(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*apt-get install dataset-fashion-mnist"):
+        load_split("train", tmp_path)
+    with pytest.raises(ValueError, match="accepted: train, test"):
+        load_split("val", tmp_path)
+
+
+def test_the_shipped_eval_set_is_balanced_and_from_the_test_split():
+    from vtprune.evals.mini.data import EVAL_SET
+
+    data = eval_set()
+    assert data.images.shape == (2000, 28, 28) and data.images.dtype == np.uint8
+    assert np.bincount(data.labels).tolist() == [200] * 10
+    with np.load(EVAL_SET) as stored:
+        indices = stored["test_indices"]
+    assert len(indices) == 2000 and np.all(np.diff(indices) > 0) and indices.max() < 10000  # t10k indices
+    # eval_indices draws per_class of each class, sorted, the same for the same seed
+    labels = np.arange(10000) % 10
+    drawn = eval_indices(labels)
+    assert np.array_equal(drawn, eval_indices(labels)) and np.bincount(labels[drawn]).tolist() == [200] * 10
+
+
+def test_augment_shifts_and_flips_within_bounds():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.zeros(64, 28, 28, dtype=torch.uint8)
+    images[:, 10:18, 4:8] = 255  # a bar left of centre
+    out = augment(images, generator)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert (out.flatten(1).sum(1) == 255 * 32).all()  # a shift of <= 2 px never cuts the bar
+    columns = out.amax(dim=1).nonzero()[:, 1]
+    assert columns.min() >= 2 and columns.max() <= 25 and (out[:, :, 14:].amax(dim=(1, 2)) > 0).any()  # flipped
+    x = to_input(out[:2])
+    assert x.shape == (2, 3, 28, 28) and torch.equal(x[:, 0], x[:, 2])
+
+
+def test_image_folder_holds_the_eval_set_in_label_order(tmp_path):
+    folder = image_folder(tmp_path)
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+    assert classes[0] == "0_t-shirt" and classes[9] == "9_ankle-boot"
+    assert (folder / "classnames.txt").read_text().splitlines() == list(CLASS_NAMES)
+    assert sum(len(list((folder / name).glob("*.png"))) for name in classes) == 2000
+    from PIL import Image
+
+    data = eval_set()
+    first = sorted((folder / classes[data.labels[0]]).glob("*.png"))[0]
+    assert np.array_equal(np.asarray(Image.open(first)), data.images[0])
+    assert image_folder(tmp_path) == folder  # reused
+
+
+def test_the_runner_takes_mini_models_and_data(tmp_path):
+    summary = run(EvalConfig(model="mini:vit", task="classification", data="mini", weights="random", limit=20,
+                             batch_size=10, policies=("tome:r=8",), out=str(tmp_path / "out")), progress=False)
+    results = {entry["configuration"]: entry for entry in summary["results"]}
+    assert list(results) == ["none (unpruned)", "tome:r=8"]
+    assert results["tome:r=8"]["tokens_per_layer"] == [197, 189, 181, 173, 165, 157]
+    assert summary["config"]["data"] == "mini" and (tmp_path / "out" / "mini-data" / "fashion-mnist-eval").is_dir()
+    with pytest.raises(ValueError, match="accepted: mini-vit"):
+        load("mini-bert")
