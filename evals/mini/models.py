@@ -28,11 +28,44 @@ def build_mini_vit() -> nn.Module:
     return model
 
 
-BUILDERS = {"mini-vit": build_mini_vit}
+# open_clip CLIP: a ViT image tower on 28x28 images (patch 2 -> 196 patch tokens + CLS) and a small text
+# tower over mini-clip's word vocabulary (evals.mini.text)
+MINI_CLIP_VISION = {"image_size": 28, "patch_size": 2, "width": 96, "layers": 4, "head_width": 32, "mlp_ratio": 2.0}
+MINI_CLIP_TEXT = {"context_length": 12, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0}
+MINI_CLIP_EMBED = 64
+
+
+def build_mini_clip() -> nn.Module:
+    """``mini-clip`` with random weights: ``open_clip.model.CLIP``; its ``visual.preprocess_cfg`` holds the
+    Fashion-MNIST normalisation (open_clip's ``image_transform_v2`` reads it). Text goes through
+    :func:`tokenizer`."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    from .text import WordTokenizer
+
+    text = CLIPTextCfg(vocab_size=WordTokenizer().vocab_size, **MINI_CLIP_TEXT)
+    model = CLIP(embed_dim=MINI_CLIP_EMBED, vision_cfg=CLIPVisionCfg(**MINI_CLIP_VISION), text_cfg=text)
+    model.visual.preprocess_cfg = {"size": 28, "mode": "RGB", "mean": (MEAN,) * 3, "std": (STD,) * 3,
+                                   "interpolation": "bilinear", "resize_mode": "shortest", "fill_color": 0}
+    return model
+
+
+def tokenizer(name: str = "mini-clip") -> Any:
+    """The tokenizer of a vtprune-mini model with a text side (``mini-clip``)."""
+    from .text import WordTokenizer
+
+    if name != "mini-clip":
+        raise ValueError(f"{name!r} has no tokenizer; accepted: mini-clip")
+    return WordTokenizer(context_length=MINI_CLIP_TEXT["context_length"])
+
+
+BUILDERS = {"mini-vit": build_mini_vit, "mini-clip": build_mini_clip}
 
 
 def load(name: str, weights: str = "trained") -> Any:
-    """A vtprune-mini model in eval mode: ``"mini-vit"``. ``weights="random"`` skips the shipped weights."""
+    """A vtprune-mini model in eval mode: ``"mini-vit"`` (a timm ``VisionTransformer``) or ``"mini-clip"`` (an
+    open_clip ``CLIP``; its text goes through :func:`tokenizer`). ``weights="random"`` skips the shipped
+    weights."""
     from safetensors.torch import load_file
 
     if name not in BUILDERS:

@@ -1,4 +1,4 @@
-"""Train a vtprune-mini model: ``python -m vtprune.evals.mini.train vit [--data DIR] [--seed 0] [--epochs 6]``.
+"""Train a vtprune-mini model: ``python -m vtprune.evals.mini.train {vit,clip} [--data DIR] [--seed 0]``.
 
 Seeded and CPU-friendly (2 cores). Writes ``<name>.safetensors`` (float16) and ``<name>.json`` (the command,
 seed, epochs, wall time, machine, per-epoch test accuracy) to ``--out`` (default: the package's
@@ -86,7 +86,7 @@ def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 128, lr: flo
             loss.backward()
             optimizer.step()
             scheduler.step()
-            running += float(loss)
+            running += loss.item()
         record = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
                   "test_top1": accuracy(model, test.images, test.labels),
                   "eval_set_top1": accuracy(model, test.images[held_out], test.labels[held_out]),
@@ -96,8 +96,124 @@ def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 128, lr: flo
     return model.eval(), {"history": history}
 
 
-TRAINERS = {"vit": ("mini-vit", train_vit)}
-DEFAULT_EPOCHS = {"vit": 6}
+def sample_captions(labels: np.ndarray, brightness: np.ndarray, size: np.ndarray,
+                    rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """One training caption per image: a random template; no attribute (probability 0.5), brightness only
+    (0.2), size only (0.1) or both (0.2). Returns the captions and which attributes each one names."""
+    from .text import TEMPLATES, caption
+
+    choice = rng.choice(4, size=len(labels), p=[0.5, 0.2, 0.1, 0.2])
+    names_b, names_s = np.isin(choice, (1, 3)), np.isin(choice, (2, 3))
+    templates = rng.integers(0, len(TEMPLATES), len(labels))
+    texts = [caption(int(label), int(b) if nb else None, int(s) if ns else None, TEMPLATES[t])
+             for label, b, s, nb, ns, t in zip(labels, brightness, size, names_b, names_s, templates)]
+    return texts, names_b, names_s
+
+
+def compatible(labels: torch.Tensor, brightness: torch.Tensor, size: torch.Tensor, names_b: torch.Tensor,
+               names_s: torch.Tensor) -> torch.Tensor:
+    """``M[i, j]``: caption ``j`` is true of image ``i`` (same class, and the attributes it names agree)."""
+    same = labels[:, None] == labels[None, :]
+    same &= ~names_b[None, :] | (brightness[:, None] == brightness[None, :])
+    same &= ~names_s[None, :] | (size[:, None] == size[None, :])
+    return same.float()
+
+
+def zero_shot_accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+    from .data import CLASS_NAMES
+    from .models import tokenizer
+    from .text import caption
+
+    model.eval()
+    with torch.inference_mode():
+        text = F.normalize(model.encode_text(tokenizer()([caption(i) for i in range(len(CLASS_NAMES))])), dim=-1)
+        correct = 0
+        for start in range(0, len(labels), 500):
+            features = F.normalize(model.encode_image(to_input(images[start:start + 500])), dim=-1)
+            correct += int(((features @ text.T).argmax(-1) == torch.as_tensor(labels[start:start + 500])).sum())
+    return correct / len(labels)
+
+
+def retrieval_r1(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Image->text and text->image recall@1 on the attribute gallery (:func:`text.retrieval_gallery`)."""
+    from .models import tokenizer
+    from .text import retrieval_gallery
+
+    gallery = retrieval_gallery(images, labels)
+    captions = [text for _, texts in gallery for text in texts]
+    owners = torch.tensor([row for row, (_, texts) in enumerate(gallery) for _ in texts])
+    model.eval()
+    with torch.inference_mode():
+        image = F.normalize(model.encode_image(to_input(images[[index for index, _ in gallery]])), dim=-1)
+        text = F.normalize(model.encode_text(tokenizer()(captions)), dim=-1)
+    similarity = image @ text.T
+    i2t = (owners[similarity.argmax(dim=1)] == torch.arange(len(gallery))).float().mean()
+    t2i = (similarity.argmax(dim=0) == owners).float().mean()
+    return {"i2t_r1": float(i2t), "t2i_r1": float(t2i)}
+
+
+def train_clip(data: Path, seed: int, epochs: int, batch_size: int = 256, lr: float = 1e-3,
+               weight_decay: float = 0.1, warmup_steps: int = 200) -> tuple[torch.nn.Module, dict]:
+    """Contrastive training with the captions of :func:`sample_captions`. Captions repeat within a batch
+    (ten classes), so the targets are soft: an image's target is spread over every caption true of it,
+    and a caption's over every image it is true of (:func:`compatible`), instead of CLIP's one-hot
+    diagonal. AdamW, warm-up then cosine decay, shift + flip augmentation."""
+    from .models import build_mini_clip, tokenizer
+    from .text import attributes
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train, test = load_split("train", data), load_split("test", data)
+    held_out = eval_indices(test.labels)
+    brightness, size = attributes(train.images)
+    model = build_mini_clip()
+    tokenize = tokenizer()
+    no_decay = lambda name, p: p.ndim < 2 or "positional" in name or "class_embedding" in name or "logit_scale" in name  # noqa: E731,E501
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in model.named_parameters() if not no_decay(n, p)], "weight_decay": weight_decay},
+         {"params": [p for n, p in model.named_parameters() if no_decay(n, p)], "weight_decay": 0.0}], lr=lr)
+    steps_per_epoch = len(train) // batch_size
+    total = steps_per_epoch * epochs
+    schedule = lambda step: (step + 1) / warmup_steps if step < warmup_steps else \
+        0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    images = torch.as_tensor(train.images)
+    history = []
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            index = order[step * batch_size:(step + 1) * batch_size].numpy()
+            texts, names_b, names_s = sample_captions(train.labels[index], brightness[index], size[index], rng)
+            targets = compatible(*(torch.as_tensor(a) for a in (train.labels[index], brightness[index], size[index],
+                                                                names_b, names_s)))
+            image_features, text_features, scale = model(to_input(augment(images[index], generator)), tokenize(texts))
+            logits = scale * image_features @ text_features.T
+            loss = 0.5 * (F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
+                          + F.cross_entropy(logits.T, (targets / targets.sum(0, keepdim=True)).T))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            running += loss.item()
+        record = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
+                  "test_zero_shot_top1": zero_shot_accuracy(model, test.images, test.labels),
+                  "eval_set_zero_shot_top1": zero_shot_accuracy(model, test.images[held_out], test.labels[held_out]),
+                  **{f"eval_set_{key}": value for key, value in
+                     retrieval_r1(model, test.images[held_out], test.labels[held_out]).items()},
+                  "minutes": (time.perf_counter() - started) / 60}
+        history.append(record)
+        print(json.dumps(record), flush=True)
+    return model.eval(), {"history": history}
+
+
+TRAINERS = {"vit": ("mini-vit", train_vit), "clip": ("mini-clip", train_clip)}
+DEFAULT_EPOCHS = {"vit": 6, "clip": 5}
 
 
 def save(model: torch.nn.Module, name: str, out: Path, record: dict) -> None:
