@@ -187,9 +187,13 @@ class ZeroShotTask(ClassificationTask):
                 processor = self._hf_image_processors[model]
                 self._transforms[model] = lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
             else:
-                import open_clip
+                from open_clip.model import get_model_preprocess_cfg
+                from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
-                self._transforms[model] = open_clip.image_transform(model.visual.image_size, is_train=False)
+                # the model's own size, mean/std, interpolation and resize mode (as open_clip's factory sets them)
+                config = PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(size=model.visual.image_size),
+                                                               get_model_preprocess_cfg(model)))
+                self._transforms[model] = image_transform_v2(config, is_train=False)
         return self._transforms[model]
 
     def target(self, model: Any) -> Any:
@@ -211,9 +215,15 @@ class ZeroShotTask(ClassificationTask):
                 return getattr(output, "pooler_output", output)
 
             return encode
-        import open_clip
+        library, _, name = spec.partition(":")
+        if library == "mini":
+            from .mini.models import tokenizer
 
-        tokenizer = open_clip.get_tokenizer(spec.partition(":")[2].partition("/")[0])
+            tokenizer = tokenizer(name if name.startswith("mini-") else f"mini-{name}")
+        else:
+            import open_clip
+
+            tokenizer = open_clip.get_tokenizer(name.partition("/")[0])
         return lambda texts: model.encode_text(tokenizer(texts).to(device))
 
     def _encode_images(self, model: Any, images: torch.Tensor) -> torch.Tensor:

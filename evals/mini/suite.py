@@ -1,15 +1,14 @@
 """The shipped evaluation set written out in the form the runner's tasks read (``--data mini``)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from PIL import Image
 
 from .data import CLASS_NAMES, eval_set
-
-IMAGE_TASKS = ("classification", "zeroshot")
-
+from .text import retrieval_gallery
 
 def image_folder(root: Path | str) -> Path:
     """``root/fashion-mnist-eval``: one sub-folder per class (``0_t-shirt`` ... ``9_ankle-boot``, so that
@@ -32,9 +31,32 @@ def image_folder(root: Path | str) -> Path:
     return folder
 
 
+def retrieval_jsonl(root: Path | str) -> Path:
+    """``root/fashion-mnist-retrieval/gallery.jsonl``: the attribute gallery of the shipped set
+    (:func:`vtprune.evals.mini.text.retrieval_gallery`: one image per class, brightness and size
+    combination present, three captions each), images beside it."""
+    folder = Path(root) / "fashion-mnist-retrieval"
+    path = folder / "gallery.jsonl"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    data = eval_set()
+    lines = []
+    for index, captions in retrieval_gallery(data.images, data.labels):
+        Image.fromarray(data.images[index], mode="L").save(folder / f"{index:04d}.png")
+        lines.append(json.dumps({"image": f"{index:04d}.png", "captions": list(captions)}))
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+FORMS = {"classification": image_folder, "zeroshot": image_folder, "retrieval": retrieval_jsonl}
+
+
 def materialise(task: str, root: Path | str) -> Path:
     """The data path for ``task`` on the shipped evaluation set, written under ``root``."""
-    if task in IMAGE_TASKS:
-        return image_folder(root)
-    raise ValueError(f"--data mini: the shipped evaluation set has no {task!r} form yet; accepted tasks: "
-                     f"{', '.join(IMAGE_TASKS)}")
+    if task not in FORMS:
+        raise ValueError(f"--data mini: the shipped evaluation set has no {task!r} form yet; accepted tasks: "
+                         f"{', '.join(FORMS)}")
+    return FORMS[task](root)
