@@ -1,7 +1,6 @@
 """vtprune-mini: the Fashion-MNIST reader, the shipped evaluation set, the shipped models' accuracy, and the
 runner on them (`--model mini:NAME --data mini`)."""
 import gzip
-import json
 
 import numpy as np
 import pytest
