@@ -59,7 +59,49 @@ def tokenizer(name: str = "mini-clip") -> Any:
     return WordTokenizer(context_length=MINI_CLIP_TEXT["context_length"])
 
 
-BUILDERS = {"mini-vit": build_mini_vit, "mini-clip": build_mini_clip}
+# Hugging Face LLaVA: a CLIP vision tower on 56x56 grids (patch 4 -> 196 patch tokens + CLS; the features of
+# its second-to-last layer, as LLaVA-1.5), a 2-layer MLP projector, and a small Llama decoder
+MINI_LLAVA_VISION = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 5, "num_attention_heads": 3,
+                     "image_size": 56, "patch_size": 4, "num_channels": 3}
+MINI_LLAVA_TEXT = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                   "num_key_value_heads": 4, "max_position_embeddings": 512}
+MINI_LLAVA_WORDS = ("<unk>", "<s>", "</s>", "<pad>", "USER:", "ASSISTANT:", "what", "is", "at", "the", "top", "bottom",
+                    "left", "right", "?", "there", "a", "how", "many", "items", "are", "yes", "no", "0", "1", "2", "3",
+                    "4", "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                    "ankle", "boot")
+
+
+def build_mini_llava_processor() -> Any:
+    """mini-llava's ``LlavaProcessor``: a word-level tokenizer over :data:`MINI_LLAVA_WORDS` (whitespace
+    split; ``<image>`` added as a special token) and a ``CLIPImageProcessor`` for 56x56 grey grids with
+    the Fashion-MNIST normalisation."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({word: i for i, word in enumerate(MINI_LLAVA_WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", padding_side="left")
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    images = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                image_mean=[MEAN] * 3, image_std=[STD] * 3, resample=2)
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4, image_token="<image>",
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def build_mini_llava() -> nn.Module:
+    """``mini-llava`` with random weights: a ``LlavaForConditionalGeneration``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vocabulary = len(MINI_LLAVA_WORDS) + 1  # + <image>
+    text = LlamaConfig(vocab_size=vocabulary, bos_token_id=1, eos_token_id=2, pad_token_id=3, **MINI_LLAVA_TEXT)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**MINI_LLAVA_VISION), text_config=text,
+                         image_token_id=vocabulary - 1, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    return LlavaForConditionalGeneration(config)
+
+
+BUILDERS = {"mini-vit": build_mini_vit, "mini-clip": build_mini_clip, "mini-llava": build_mini_llava}
 
 
 def load(name: str, weights: str = "trained") -> Any:

@@ -1,0 +1,83 @@
+"""mini-llava's world: 2x2 grids of Fashion-MNIST items (56x56 grey images) and three kinds of question
+about them.
+
+- ``position``: "what is at the top left ?" -> the class name of that quadrant's item;
+- ``presence``: "is there a coat ?" -> "yes" / "no" (balanced: half the grids hold the class);
+- ``count``: "how many coat items are there ?" -> "0" ... "4" (balanced over the five counts).
+
+A position question is about one quadrant, so a policy that keeps tokens by the question (query-aware)
+and one that keeps them by the image alone (query-agnostic) behave differently, as on real benchmarks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import CLASS_NAMES
+
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+KINDS = ("position", "presence", "count")
+COUNT_WORDS = ("0", "1", "2", "3", "4")
+
+
+@dataclass(frozen=True)
+class GridQuestion:
+    """One item: the four source-image indices (raster order of the quadrants), the question, its answer,
+    and its kind."""
+
+    items: tuple[int, int, int, int]
+    question: str
+    answer: str
+    kind: str
+
+
+def compose(images: np.ndarray, items: tuple[int, ...]) -> np.ndarray:
+    """The 56x56 grid of four 28x28 images, quadrants in raster order."""
+    top = np.concatenate([images[items[0]], images[items[1]]], axis=1)
+    bottom = np.concatenate([images[items[2]], images[items[3]]], axis=1)
+    return np.concatenate([top, bottom], axis=0)
+
+
+def _pick(by_class: list[np.ndarray], label: int, rng: np.random.Generator) -> int:
+    return int(rng.choice(by_class[label]))
+
+
+def _labels_with(count: int, label: int, rng: np.random.Generator) -> list[int]:
+    """Four quadrant labels holding ``label`` exactly ``count`` times, shuffled."""
+    others = [other for other in range(len(CLASS_NAMES)) if other != label]
+    labels = [label] * count + list(rng.choice(others, 4 - count))
+    rng.shuffle(labels)
+    return labels
+
+
+def make_question(labels_of: np.ndarray, by_class: list[np.ndarray], rng: np.random.Generator,
+                  kind: str | None = None) -> GridQuestion:
+    """A random grid and question of ``kind`` (random when ``None``) drawn from the images whose labels are
+    ``labels_of`` (``by_class[c]``: their indices of class ``c``)."""
+    kind = kind or KINDS[int(rng.integers(len(KINDS)))]
+    if kind == "position":
+        labels = list(rng.integers(0, len(CLASS_NAMES), 4))
+        quadrant = int(rng.integers(4))
+        question, answer = f"what is at the {QUADRANTS[quadrant]} ?", CLASS_NAMES[labels[quadrant]]
+    elif kind == "presence":
+        label = int(rng.integers(len(CLASS_NAMES)))
+        present = bool(rng.integers(2))
+        labels = _labels_with(int(rng.integers(1, 5)) if present else 0, label, rng)
+        question, answer = f"is there a {CLASS_NAMES[label]} ?", "yes" if present else "no"
+    elif kind == "count":
+        label, count = int(rng.integers(len(CLASS_NAMES))), int(rng.integers(5))
+        labels = _labels_with(count, label, rng)
+        question, answer = f"how many {CLASS_NAMES[label]} items are there ?", COUNT_WORDS[count]
+    else:
+        raise ValueError(f"unknown question kind {kind!r}; accepted: {', '.join(KINDS)}")
+    items = tuple(_pick(by_class, int(label), rng) for label in labels)
+    return GridQuestion(items=items, question=question, answer=answer, kind=kind)
+
+
+def questions(labels: np.ndarray, count: int, seed: int) -> list[GridQuestion]:
+    """``count`` questions over images with ``labels``, the kinds in turn (position, presence, count, ...),
+    reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == label) for label in range(len(CLASS_NAMES))]
+    return [make_question(labels, by_class, rng, KINDS[index % len(KINDS)]) for index in range(count)]
