@@ -1,4 +1,4 @@
-"""Train a vtprune-mini model: ``python -m vtprune.evals.mini.train {vit,clip} [--data DIR] [--seed 0]``.
+"""Train a vtprune-mini model: ``python -m vtprune.evals.mini.train {vit,clip,llava} [--data DIR] [--seed 0]``.
 
 Seeded and CPU-friendly (2 cores). Writes ``<name>.safetensors`` (float16) and ``<name>.json`` (the command,
 seed, epochs, wall time, machine, per-epoch test accuracy) to ``--out`` (default: the package's
@@ -212,14 +212,109 @@ def train_clip(data: Path, seed: int, epochs: int, batch_size: int = 256, lr: fl
     return model.eval(), {"history": history}
 
 
-TRAINERS = {"vit": ("mini-vit", train_vit), "clip": ("mini-clip", train_clip)}
-DEFAULT_EPOCHS = {"vit": 6, "clip": 5}
+def llava_batch(processor, images: np.ndarray, items: list, answers: bool = True) -> dict[str, torch.Tensor]:
+    """The processor's batch for grid questions (left-padded), with ``labels`` on the answer words and
+    ``</s>`` only when ``answers``."""
+    from PIL import Image
+
+    from .grids import compose
+
+    prompts = [f"USER: <image>\n{item.question} ASSISTANT:" for item in items]
+    if answers:
+        prompts = [f"{prompt} {item.answer} </s>" for prompt, item in zip(prompts, items)]
+    grids = [Image.fromarray(compose(images, item.items)).convert("RGB") for item in items]
+    batch = processor(images=grids, text=prompts, return_tensors="pt", padding=True)
+    if answers:
+        labels = torch.full_like(batch["input_ids"], -100)
+        for row, item in enumerate(items):
+            length = len(item.answer.split()) + 1
+            labels[row, -length:] = batch["input_ids"][row, -length:]
+        batch["labels"] = labels
+    return dict(batch)
+
+
+def llava_accuracy(model, processor, images: np.ndarray, items: list, batch_size: int = 50) -> dict[str, float]:
+    """Greedy answers (3 new tokens at most) against the references: overall and per question kind."""
+    model.eval()
+    right: dict[str, list[bool]] = {}
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            batch = llava_batch(processor, images, chunk, answers=False)
+            generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+            texts = processor.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            for item, text in zip(chunk, texts):
+                right.setdefault(item.kind, []).append(text.strip() == item.answer)
+    every = [value for values in right.values() for value in values]
+    return {"accuracy": sum(every) / len(every), **{kind: sum(v) / len(v) for kind, v in right.items()}}
+
+
+def train_llava(data: Path, seed: int, epochs: int, batch_size: int = 32, lr: float = 1e-3,
+                weight_decay: float = 0.05, warmup_steps: int = 200,
+                samples_per_epoch: int = 60000) -> tuple[torch.nn.Module, dict]:
+    """Next-token loss on the answers of fresh random grid questions from the training split
+    (``samples_per_epoch`` per epoch), the whole model trained at once (tower, projector, decoder). AdamW,
+    warm-up then cosine decay. Accuracy: 600 questions on grids of the held-out evaluation images."""
+    from .grids import make_question, questions
+    from .models import build_mini_llava, build_mini_llava_processor
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train, test = load_split("train", data), load_split("test", data)
+    held_out = eval_indices(test.labels)
+    held_images, held_labels = test.images[held_out], test.labels[held_out]
+    evaluation = questions(held_labels, 600, seed=1)
+    by_class = [np.flatnonzero(train.labels == label) for label in range(10)]
+    model, processor = build_mini_llava(), build_mini_llava_processor()
+    no_decay = lambda name, p: p.ndim < 2 or "norm" in name or "embedding" in name  # noqa: E731
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in model.named_parameters() if not no_decay(n, p)], "weight_decay": weight_decay},
+         {"params": [p for n, p in model.named_parameters() if no_decay(n, p)], "weight_decay": 0.0}], lr=lr)
+    steps_per_epoch = samples_per_epoch // batch_size
+    total = steps_per_epoch * epochs
+    schedule = lambda step: (step + 1) / warmup_steps if step < warmup_steps else \
+        0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    history = []
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        running = 0.0
+        for step in range(steps_per_epoch):
+            items = [make_question(train.labels, by_class, rng) for _ in range(batch_size)]
+            loss = model(**llava_batch(processor, train.images, items)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            running += loss.item()
+        record = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
+                  **{f"eval_{key}": value for key, value in
+                     llava_accuracy(model, processor, held_images, evaluation).items()},
+                  "minutes": (time.perf_counter() - started) / 60}
+        history.append(record)
+        print(json.dumps(record), flush=True)
+    return model.eval(), {"history": history}
+
+
+TRAINERS = {"vit": ("mini-vit", train_vit), "clip": ("mini-clip", train_clip), "llava": ("mini-llava", train_llava)}
+DEFAULT_EPOCHS = {"vit": 6, "clip": 5, "llava": 3}
 
 
 def save(model: torch.nn.Module, name: str, out: Path, record: dict) -> None:
+    """``<name>.safetensors`` (float16) and ``<name>.json``; a Hugging Face model (mini-llava) is saved as a
+    checkpoint directory ``<name>/`` (float16 weights, config, processor) that ``from_pretrained`` reads."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        from .models import build_mini_llava_processor
+
+        model.to(torch.float16).save_pretrained(out / name)
+        build_mini_llava_processor().save_pretrained(out / name)
+        (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        return
     save_file({key: value.detach().to(torch.float16).contiguous() for key, value in model.state_dict().items()},
               out / f"{name}.safetensors")
     (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
