@@ -520,7 +520,13 @@ class VQATask:
     def prepare(self, model: Any, data: Path, spec: str) -> None:
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(spec.partition(":")[2])
+        library, _, name = spec.partition(":")
+        if library == "mini":
+            from .mini.models import build_mini_llava_processor
+
+            processor = build_mini_llava_processor()
+        else:
+            processor = AutoProcessor.from_pretrained(name)
         processor.tokenizer.padding_side = "left"
         self._processors[model] = processor
 

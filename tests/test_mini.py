@@ -1,6 +1,7 @@
 """vtprune-mini: the Fashion-MNIST reader, the shipped evaluation set, the shipped models' accuracy, and the
 runner on them (`--model mini:NAME --data mini`)."""
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -87,3 +88,34 @@ def test_the_runner_takes_mini_models_and_data(tmp_path):
     assert summary["config"]["data"] == "mini" and (tmp_path / "out" / "mini-data" / "fashion-mnist-eval").is_dir()
     with pytest.raises(ValueError, match="accepted: mini-vit"):
         load("mini-bert")
+
+
+def test_mini_clip_and_mini_llava_run_on_their_mini_data(tmp_path):
+    out = tmp_path / "clip"
+    summary = run(EvalConfig(model="mini:clip", task="retrieval", data="mini", weights="random", limit=12,
+                             batch_size=6, policies=("pitome:ratio=0.9",), out=str(out)), progress=False)
+    gallery = (out / "mini-data" / "fashion-mnist-retrieval" / "gallery.jsonl").read_text().splitlines()
+    captions = [caption for line in gallery for caption in json.loads(line)["captions"]]
+    assert len(captions) == len(set(captions)) == 3 * len(gallery)  # every caption has one right image
+    assert summary["results"][1]["tokens_per_layer"] == [197, 178, 161, 145]
+    out = tmp_path / "llava"
+    summary = run(EvalConfig(model="mini:llava", task="vqa", data="mini", weights="random", limit=6, batch_size=3,
+                             policies=("visionzip:keep=64",), out=str(out)), progress=False)
+    results = {entry["configuration"]: entry for entry in summary["results"]}
+    assert results["none (unpruned)"]["tokens_final"] == 196 and results["randomkeep:keep=64"]["tokens_final"] == 64
+    lines = [json.loads(line) for line in
+             (out / "mini-data" / "fashion-mnist-grids" / "questions.jsonl").read_text().splitlines()]
+    assert len(lines) == 600 and [line["category"] for line in lines[:3]] == ["grid position", "grid presence",
+                                                                              "grid count"]
+
+
+def test_the_open_clip_transform_is_the_models_own():
+    from PIL import Image
+
+    from vtprune.evals.mini.models import MEAN, STD
+    from vtprune.evals.tasks import ZeroShotTask
+
+    model = load("mini-clip", weights="random")
+    pixels = ZeroShotTask()._transform(model)(Image.new("RGB", (28, 28), (51, 51, 51)))
+    assert pixels.shape == (3, 28, 28)
+    assert torch.allclose(pixels, torch.full_like(pixels, (51 / 255 - MEAN) / STD), atol=1e-6)

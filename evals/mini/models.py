@@ -105,15 +105,20 @@ BUILDERS = {"mini-vit": build_mini_vit, "mini-clip": build_mini_clip, "mini-llav
 
 
 def load(name: str, weights: str = "trained") -> Any:
-    """A vtprune-mini model in eval mode: ``"mini-vit"`` (a timm ``VisionTransformer``) or ``"mini-clip"`` (an
-    open_clip ``CLIP``; its text goes through :func:`tokenizer`). ``weights="random"`` skips the shipped
-    weights."""
+    """A vtprune-mini model in eval mode, in float32: ``"mini-vit"`` (a timm ``VisionTransformer``),
+    ``"mini-clip"`` (an open_clip ``CLIP``; its text goes through :func:`tokenizer`) or ``"mini-llava"`` (a
+    ``LlavaForConditionalGeneration`` from the checkpoint directory ``assets/mini-llava``, which also holds
+    its processor: :func:`build_mini_llava_processor`). ``weights="random"`` skips the shipped weights."""
     from safetensors.torch import load_file
 
     if name not in BUILDERS:
         raise ValueError(f"unknown vtprune-mini model {name!r}; accepted: {', '.join(BUILDERS)}")
     if weights not in ("trained", "random"):
         raise ValueError(f"weights={weights!r}; accepted: trained, random")
+    if name == "mini-llava" and weights == "trained":
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(WEIGHTS / name, dtype=torch.float32).eval()
     model = BUILDERS[name]()
     if weights == "trained":
         state = load_file(WEIGHTS / f"{name}.safetensors")

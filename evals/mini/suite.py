@@ -51,7 +51,33 @@ def retrieval_jsonl(root: Path | str) -> Path:
     return path
 
 
-FORMS = {"classification": image_folder, "zeroshot": image_folder, "retrieval": retrieval_jsonl}
+VQA_QUESTIONS, VQA_SEED = 600, 1
+
+
+def vqa_jsonl(root: Path | str) -> Path:
+    """``root/fashion-mnist-grids/questions.jsonl``: mini-llava's held-out questions (600, the three kinds in
+    turn, :func:`vtprune.evals.mini.grids.questions` with seed 1) on 2x2 grids of the shipped images, one
+    PNG per question beside it; ``category`` is ``"grid <kind>"`` (not an MME subtask name)."""
+    from .grids import compose, questions
+
+    folder = Path(root) / "fashion-mnist-grids"
+    path = folder / "questions.jsonl"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    data = eval_set()
+    lines = []
+    for index, item in enumerate(questions(data.labels, VQA_QUESTIONS, VQA_SEED)):
+        Image.fromarray(compose(data.images, item.items), mode="L").save(folder / f"{index:04d}.png")
+        lines.append(json.dumps({"question_id": index, "image": f"{index:04d}.png", "question": item.question,
+                                 "answers": [item.answer], "category": f"grid {item.kind}"}))
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+FORMS = {"classification": image_folder, "zeroshot": image_folder, "retrieval": retrieval_jsonl, "vqa": vqa_jsonl}
 
 
 def materialise(task: str, root: Path | str) -> Path:
