@@ -119,3 +119,14 @@ def test_the_open_clip_transform_is_the_models_own():
     pixels = ZeroShotTask()._transform(model)(Image.new("RGB", (28, 28), (51, 51, 51)))
     assert pixels.shape == (3, 28, 28)
     assert torch.allclose(pixels, torch.full_like(pixels, (51 / 255 - MEAN) / STD), atol=1e-6)
+
+
+def test_missing_trained_weights_are_named_with_the_training_command(tmp_path, monkeypatch):
+    from vtprune.evals.mini import models
+
+    monkeypatch.setattr(models, "WEIGHTS", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"mini-clip.safetensors.*python -m vtprune.evals.mini.train clip"):
+        load("mini-clip")
+    with pytest.raises(FileNotFoundError, match=r"\(mini-llava\).*mini.train llava"):
+        load("mini-llava")
+    assert load("mini-llava", weights="random").config.image_token_id == len(models.MINI_LLAVA_WORDS)

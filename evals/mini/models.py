@@ -115,12 +115,17 @@ def load(name: str, weights: str = "trained") -> Any:
         raise ValueError(f"unknown vtprune-mini model {name!r}; accepted: {', '.join(BUILDERS)}")
     if weights not in ("trained", "random"):
         raise ValueError(f"weights={weights!r}; accepted: trained, random")
+    shipped = WEIGHTS / (name if name == "mini-llava" else f"{name}.safetensors")
+    if weights == "trained" and not shipped.exists():
+        raise FileNotFoundError(f"{name}'s trained weights ({shipped.name}) are not in this installation; train them "
+                                f"with `python -m vtprune.evals.mini.train {name.removeprefix('mini-')}`, or pass "
+                                "weights='random' (--weights random)")
     if name == "mini-llava" and weights == "trained":
         from transformers import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration.from_pretrained(WEIGHTS / name, dtype=torch.float32).eval()
     model = BUILDERS[name]()
     if weights == "trained":
-        state = load_file(WEIGHTS / f"{name}.safetensors")
+        state = load_file(shipped)
         model.load_state_dict({key: value.to(torch.float32) for key, value in state.items()})
     return model.eval()
