@@ -157,12 +157,13 @@ def retrieval_r1(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray)
     return {"i2t_r1": float(i2t), "t2i_r1": float(t2i)}
 
 
-def train_clip(data: Path, seed: int, epochs: int, batch_size: int = 256, lr: float = 1e-3,
-               weight_decay: float = 0.1, warmup_steps: int = 200) -> tuple[torch.nn.Module, dict]:
+def train_clip(data: Path, seed: int, epochs: int, batch_size: int = 128, lr: float = 1e-3,
+               weight_decay: float = 0.1, warmup_steps: int = 500,
+               augmentation: bool = False) -> tuple[torch.nn.Module, dict]:
     """Contrastive training with the captions of :func:`sample_captions`. Captions repeat within a batch
     (ten classes), so the targets are soft: an image's target is spread over every caption true of it,
     and a caption's over every image it is true of (:func:`compatible`), instead of CLIP's one-hot
-    diagonal. AdamW, warm-up then cosine decay, shift + flip augmentation."""
+    diagonal. AdamW, warm-up then cosine decay; optional shift + flip augmentation (off, as for mini-vit)."""
     from .models import build_mini_clip, tokenizer
     from .text import attributes
 
@@ -195,7 +196,8 @@ def train_clip(data: Path, seed: int, epochs: int, batch_size: int = 256, lr: fl
             texts, names_b, names_s = sample_captions(train.labels[index], brightness[index], size[index], rng)
             targets = compatible(*(torch.as_tensor(a) for a in (train.labels[index], brightness[index], size[index],
                                                                 names_b, names_s)))
-            image_features, text_features, scale = model(to_input(augment(images[index], generator)), tokenize(texts))
+            pixels = augment(images[index], generator) if augmentation else images[index]
+            image_features, text_features, scale = model(to_input(pixels), tokenize(texts))
             logits = scale * image_features @ text_features.T
             loss = 0.5 * (F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
                           + F.cross_entropy(logits.T, (targets / targets.sum(0, keepdim=True)).T))
@@ -214,7 +216,9 @@ def train_clip(data: Path, seed: int, epochs: int, batch_size: int = 256, lr: fl
                   "minutes": (time.perf_counter() - started) / 60}
         history.append(record)
         print(json.dumps(record), flush=True)
-    return model.eval(), {"history": history}
+    recipe = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+              "augmentation": augmentation}
+    return model.eval(), {"history": history, "recipe": recipe}
 
 
 def llava_batch(processor, images: np.ndarray, items: list, answers: bool = True) -> dict[str, torch.Tensor]:
@@ -304,7 +308,7 @@ def train_llava(data: Path, seed: int, epochs: int, batch_size: int = 32, lr: fl
 
 
 TRAINERS = {"vit": ("mini-vit", train_vit), "clip": ("mini-clip", train_clip), "llava": ("mini-llava", train_llava)}
-DEFAULT_EPOCHS = {"vit": 6, "clip": 5, "llava": 3}
+DEFAULT_EPOCHS = {"vit": 6, "clip": 4, "llava": 3}
 
 
 def save(model: torch.nn.Module, name: str, out: Path, record: dict) -> None:
