@@ -157,3 +157,22 @@ def test_mini_clip_retrieves_by_attributes(tmp_path):
     metrics = summary["results"][0]["metrics"]
     # 78 images, 234 captions that differ only in class, brightness and size; chance R@1 is 1/78
     assert metrics["i2t_r1"] >= 0.55 and metrics["t2i_r1"] >= 0.65  # measured 0.6154 and 0.7179
+
+
+def test_the_training_schedule_and_batches():
+    from vtprune.evals.mini.train import optimizer_and_schedule, shuffled_batches
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer, scheduler = optimizer_and_schedule(model, lambda name, p: p.ndim < 2, lr=1.0, weight_decay=0.1,
+                                                  warmup_steps=4, total_steps=12)
+    assert [len(group["params"]) for group in optimizer.param_groups] == [1, 3]  # the weight matrix decays
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and rates[4] == pytest.approx(1.0)
+    assert rates[8] == pytest.approx(0.5) and rates[-1] < 0.05 and all(a >= b for a, b in zip(rates[3:], rates[4:]))
+    batches = list(shuffled_batches(10, 3, torch.Generator().manual_seed(0)))
+    assert [len(batch) for batch in batches] == [3, 3, 3] and len(set(torch.cat(batches).tolist())) == 9

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
+from ..results import write_atomic
 from .data import CLASS_NAMES, eval_set
 from .text import retrieval_gallery
 
@@ -25,30 +26,31 @@ def image_folder(root: Path | str) -> Path:
         name = CLASS_NAMES[label].replace(" ", "-")
         Image.fromarray(image, mode="L").save(folder / f"{label}_{name}" / f"{index:04d}.png")
     (folder / "classnames.txt").write_text("\n".join(CLASS_NAMES) + "\n")
-    temporary = done.with_suffix(".tmp")
-    temporary.write_text(str(len(data)))
-    os.replace(temporary, done)
+    write_atomic(done, str(len(data)))
     return folder
+
+
+def _jsonl_once(path: Path, lines: Callable[[Path], list[dict]]) -> Path:
+    """Write ``lines(folder)`` (which also writes its images into ``folder``) as JSONL at ``path``, unless a
+    complete file is there already (it is renamed into place only once whole)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, "".join(json.dumps(line) + "\n" for line in lines(path.parent)))
+    return path
 
 
 def retrieval_jsonl(root: Path | str) -> Path:
     """``root/fashion-mnist-retrieval/gallery.jsonl``: the attribute gallery of the shipped set
     (:func:`vtprune.evals.mini.text.retrieval_gallery`: one image per class, brightness and size
     combination present, three captions each), images beside it."""
-    folder = Path(root) / "fashion-mnist-retrieval"
-    path = folder / "gallery.jsonl"
-    if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    data = eval_set()
-    lines = []
-    for index, captions in retrieval_gallery(data.images, data.labels):
-        Image.fromarray(data.images[index], mode="L").save(folder / f"{index:04d}.png")
-        lines.append(json.dumps({"image": f"{index:04d}.png", "captions": list(captions)}))
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, path)
-    return path
+    def lines(folder: Path) -> list[dict]:
+        data, out = eval_set(), []
+        for index, captions in retrieval_gallery(data.images, data.labels):
+            Image.fromarray(data.images[index], mode="L").save(folder / f"{index:04d}.png")
+            out.append({"image": f"{index:04d}.png", "captions": list(captions)})
+        return out
+
+    return _jsonl_once(Path(root) / "fashion-mnist-retrieval" / "gallery.jsonl", lines)
 
 
 VQA_QUESTIONS, VQA_SEED = 600, 1
@@ -60,21 +62,15 @@ def vqa_jsonl(root: Path | str) -> Path:
     PNG per question beside it; ``category`` is ``"grid <kind>"`` (not an MME subtask name)."""
     from .grids import compose, questions
 
-    folder = Path(root) / "fashion-mnist-grids"
-    path = folder / "questions.jsonl"
-    if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    data = eval_set()
-    lines = []
-    for index, item in enumerate(questions(data.labels, VQA_QUESTIONS, VQA_SEED)):
-        Image.fromarray(compose(data.images, item.items), mode="L").save(folder / f"{index:04d}.png")
-        lines.append(json.dumps({"question_id": index, "image": f"{index:04d}.png", "question": item.question,
-                                 "answers": [item.answer], "category": f"grid {item.kind}"}))
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, path)
-    return path
+    def lines(folder: Path) -> list[dict]:
+        data, out = eval_set(), []
+        for index, item in enumerate(questions(data.labels, VQA_QUESTIONS, VQA_SEED)):
+            Image.fromarray(compose(data.images, item.items), mode="L").save(folder / f"{index:04d}.png")
+            out.append({"question_id": index, "image": f"{index:04d}.png", "question": item.question,
+                        "answers": [item.answer], "category": f"grid {item.kind}"})
+        return out
+
+    return _jsonl_once(Path(root) / "fashion-mnist-grids" / "questions.jsonl", lines)
 
 
 FORMS = {"classification": image_folder, "zeroshot": image_folder, "retrieval": retrieval_jsonl, "vqa": vqa_jsonl}

@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -54,6 +55,30 @@ def accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, bat
     return correct / len(labels)
 
 
+def shuffled_batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch: a fresh permutation of ``range(count)`` in full batches (the remainder is dropped)."""
+    order = torch.randperm(count, generator=generator)
+    for start in range(0, count - batch_size + 1, batch_size):
+        yield order[start:start + batch_size]
+
+
+def optimizer_and_schedule(model: torch.nn.Module, no_decay: Callable[[str, torch.nn.Parameter], bool], lr: float,
+                           weight_decay: float, warmup_steps: int, total_steps: int) -> tuple[Any, Any]:
+    """AdamW (no weight decay on the parameters ``no_decay`` picks), linear warm-up over ``warmup_steps``,
+    then cosine decay to 0 at ``total_steps``; step the scheduler once per optimizer step."""
+    parameters = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in parameters if not no_decay(n, p)], "weight_decay": weight_decay},
+         {"params": [p for n, p in parameters if no_decay(n, p)], "weight_decay": 0.0}], lr=lr)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 64, lr: float = 1e-3,
               weight_decay: float = 0.05, warmup_steps: int = 500, label_smoothing: float = 0.0,
               augmentation: bool = False) -> tuple[torch.nn.Module, dict]:
@@ -65,24 +90,17 @@ def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 64, lr: floa
     train, test = load_split("train", data), load_split("test", data)
     held_out = eval_indices(test.labels)
     model = build_mini_vit()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = len(train) // batch_size
-    total = steps_per_epoch * epochs
-    schedule = lambda step: (step + 1) / warmup_steps if step < warmup_steps else \
-        0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    no_decay = lambda name, p: p.ndim < 2 or "pos_embed" in name or "cls_token" in name  # noqa: E731
+    optimizer, scheduler = optimizer_and_schedule(model, no_decay, lr, weight_decay, warmup_steps,
+                                                  steps_per_epoch * epochs)
     images, labels = torch.as_tensor(train.images), torch.as_tensor(train.labels)
     history = []
     started = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(train), generator=generator)
         running = 0.0
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size:(step + 1) * batch_size]
+        for index in shuffled_batches(len(train), batch_size, generator):
             x = to_input(augment(images[index], generator) if augmentation else images[index])
             loss = F.cross_entropy(model(x), labels[index], label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
@@ -175,24 +193,18 @@ def train_clip(data: Path, seed: int, epochs: int, batch_size: int = 128, lr: fl
     brightness, size = attributes(train.images)
     model = build_mini_clip()
     tokenize = tokenizer()
-    no_decay = lambda name, p: p.ndim < 2 or "positional" in name or "class_embedding" in name or "logit_scale" in name  # noqa: E731,E501
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in model.named_parameters() if not no_decay(n, p)], "weight_decay": weight_decay},
-         {"params": [p for n, p in model.named_parameters() if no_decay(n, p)], "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = len(train) // batch_size
-    total = steps_per_epoch * epochs
-    schedule = lambda step: (step + 1) / warmup_steps if step < warmup_steps else \
-        0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    no_decay = lambda name, p: p.ndim < 2 or "positional" in name or "class_embedding" in name or "logit_scale" in name  # noqa: E731,E501
+    optimizer, scheduler = optimizer_and_schedule(model, no_decay, lr, weight_decay, warmup_steps,
+                                                  steps_per_epoch * epochs)
     images = torch.as_tensor(train.images)
     history = []
     started = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(train), generator=generator)
         running = 0.0
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size:(step + 1) * batch_size].numpy()
+        for index in shuffled_batches(len(train), batch_size, generator):
+            index = index.numpy()
             texts, names_b, names_s = sample_captions(train.labels[index], brightness[index], size[index], rng)
             targets = compatible(*(torch.as_tensor(a) for a in (train.labels[index], brightness[index], size[index],
                                                                 names_b, names_s)))
@@ -275,15 +287,10 @@ def train_llava(data: Path, seed: int, epochs: int, batch_size: int = 32, lr: fl
     evaluation = questions(held_labels, 600, seed=1)
     by_class = [np.flatnonzero(train.labels == label) for label in range(10)]
     model, processor = build_mini_llava(), build_mini_llava_processor()
-    no_decay = lambda name, p: p.ndim < 2 or "norm" in name or "embedding" in name  # noqa: E731
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in model.named_parameters() if not no_decay(n, p)], "weight_decay": weight_decay},
-         {"params": [p for n, p in model.named_parameters() if no_decay(n, p)], "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = samples_per_epoch // batch_size
-    total = steps_per_epoch * epochs
-    schedule = lambda step: (step + 1) / warmup_steps if step < warmup_steps else \
-        0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    no_decay = lambda name, p: p.ndim < 2 or "norm" in name or "embedding" in name  # noqa: E731
+    optimizer, scheduler = optimizer_and_schedule(model, no_decay, lr, weight_decay, warmup_steps,
+                                                  steps_per_epoch * epochs)
     history = []
     started = time.perf_counter()
     for epoch in range(epochs):
