@@ -176,3 +176,32 @@ def test_the_training_schedule_and_batches():
     assert rates[8] == pytest.approx(0.5) and rates[-1] < 0.05 and all(a >= b for a, b in zip(rates[3:], rates[4:]))
     batches = list(shuffled_batches(10, 3, torch.Generator().manual_seed(0)))
     assert [len(batch) for batch in batches] == [3, 3, 3] and len(set(torch.cat(batches).tolist())) == 9
+
+
+def test_the_trainers_run_end_to_end_and_save_what_load_reads(tmp_path, monkeypatch, capsys):
+    """Each trainer for one short epoch on a tiny Fashion-MNIST-shaped split (random pixels: the loop, the
+    evaluation and the saved files are under test, not the accuracy)."""
+    from vtprune.evals.mini import models
+    from vtprune.evals.mini.train import save, train_clip, train_llava, train_vit
+
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (64, 28, 28)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(64) % 10)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (2000, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(2000) % 10)
+    out = tmp_path / "weights"
+    monkeypatch.setattr(models, "WEIGHTS", out)
+    trained = {"mini-vit": train_vit(tmp_path, seed=0, epochs=2, batch_size=32, warmup_steps=2),
+               "mini-clip": train_clip(tmp_path, seed=0, epochs=1, batch_size=32, warmup_steps=2),
+               "mini-llava": train_llava(tmp_path, seed=0, epochs=1, batch_size=4, warmup_steps=2,
+                                         samples_per_epoch=8)}
+    keys = {"mini-vit": "eval_set_top1", "mini-clip": "eval_set_i2t_r1", "mini-llava": "eval_accuracy"}
+    for name, (model, record) in trained.items():
+        assert [entry["epoch"] for entry in record["history"]] == list(range(1, len(record["history"]) + 1))
+        assert 0 <= record["history"][-1][keys[name]] <= 1 and record["history"][-1]["train_loss"] > 0
+        save(model, name, out, record)
+        loaded = load(name)
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, model.state_dict()[key].to(torch.float16).float()), (name, key)
+    assert len(trained["mini-vit"][1]["history"]) == 2
+    assert capsys.readouterr().out.count('"epoch"') == 4  # one JSON line per epoch

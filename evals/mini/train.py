@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -79,6 +79,36 @@ def optimizer_and_schedule(model: torch.nn.Module, no_decay: Callable[[str, torc
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def fit(model: torch.nn.Module, optimizer: Any, scheduler: Any, epochs: int, batches: Callable[[], Iterable[Any]],
+        loss_of: Callable[[Any], torch.Tensor], evaluate: Callable[[], dict[str, float]],
+        max_grad_norm: float | None = None, after_step: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """The training loop the trainers share: per epoch, one optimizer and scheduler step per batch of
+    ``batches()`` on ``loss_of(batch)`` (gradients clipped to ``max_grad_norm`` when given, then
+    ``after_step``), then a record of the mean training loss, ``evaluate()`` and the minutes so far,
+    printed as a JSON line. Returns the records."""
+    history = []
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        losses = []
+        for batch in batches():
+            loss = loss_of(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            if after_step is not None:
+                after_step()
+            losses.append(loss.item())
+        record = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), **evaluate(),
+                  "minutes": (time.perf_counter() - started) / 60}
+        history.append(record)
+        print(json.dumps(record), flush=True)
+    return history
+
+
 def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 64, lr: float = 1e-3,
               weight_decay: float = 0.05, warmup_steps: int = 500, label_smoothing: float = 0.0,
               augmentation: bool = False) -> tuple[torch.nn.Module, dict]:
@@ -95,25 +125,17 @@ def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 64, lr: floa
     optimizer, scheduler = optimizer_and_schedule(model, no_decay, lr, weight_decay, warmup_steps,
                                                   steps_per_epoch * epochs)
     images, labels = torch.as_tensor(train.images), torch.as_tensor(train.labels)
-    history = []
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        running = 0.0
-        for index in shuffled_batches(len(train), batch_size, generator):
-            x = to_input(augment(images[index], generator) if augmentation else images[index])
-            loss = F.cross_entropy(model(x), labels[index], label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running += loss.item()
-        record = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
-                  "test_top1": accuracy(model, test.images, test.labels),
-                  "eval_set_top1": accuracy(model, test.images[held_out], test.labels[held_out]),
-                  "minutes": (time.perf_counter() - started) / 60}
-        history.append(record)
-        print(json.dumps(record), flush=True)
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        x = to_input(augment(images[index], generator) if augmentation else images[index])
+        return F.cross_entropy(model(x), labels[index], label_smoothing=label_smoothing)
+
+    def evaluate() -> dict[str, float]:
+        return {"test_top1": accuracy(model, test.images, test.labels),
+                "eval_set_top1": accuracy(model, test.images[held_out], test.labels[held_out])}
+
+    history = fit(model, optimizer, scheduler, epochs, lambda: shuffled_batches(len(train), batch_size, generator),
+                  loss_of, evaluate)
     recipe = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
               "label_smoothing": label_smoothing, "augmentation": augmentation}
     return model.eval(), {"history": history, "recipe": recipe}
@@ -198,36 +220,30 @@ def train_clip(data: Path, seed: int, epochs: int, batch_size: int = 128, lr: fl
     optimizer, scheduler = optimizer_and_schedule(model, no_decay, lr, weight_decay, warmup_steps,
                                                   steps_per_epoch * epochs)
     images = torch.as_tensor(train.images)
-    history = []
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        running = 0.0
-        for index in shuffled_batches(len(train), batch_size, generator):
-            index = index.numpy()
-            texts, names_b, names_s = sample_captions(train.labels[index], brightness[index], size[index], rng)
-            targets = compatible(*(torch.as_tensor(a) for a in (train.labels[index], brightness[index], size[index],
-                                                                names_b, names_s)))
-            pixels = augment(images[index], generator) if augmentation else images[index]
-            image_features, text_features, scale = model(to_input(pixels), tokenize(texts))
-            logits = scale * image_features @ text_features.T
-            loss = 0.5 * (F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
-                          + F.cross_entropy(logits.T, (targets / targets.sum(0, keepdim=True)).T))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            running += loss.item()
-        record = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
-                  "test_zero_shot_top1": zero_shot_accuracy(model, test.images, test.labels),
-                  "eval_set_zero_shot_top1": zero_shot_accuracy(model, test.images[held_out], test.labels[held_out]),
-                  **{f"eval_set_{key}": value for key, value in
-                     retrieval_r1(model, test.images[held_out], test.labels[held_out]).items()},
-                  "minutes": (time.perf_counter() - started) / 60}
-        history.append(record)
-        print(json.dumps(record), flush=True)
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        index = index.numpy()
+        texts, names_b, names_s = sample_captions(train.labels[index], brightness[index], size[index], rng)
+        targets = compatible(*(torch.as_tensor(a) for a in (train.labels[index], brightness[index], size[index],
+                                                            names_b, names_s)))
+        pixels = augment(images[index], generator) if augmentation else images[index]
+        image_features, text_features, scale = model(to_input(pixels), tokenize(texts))
+        logits = scale * image_features @ text_features.T
+        return 0.5 * (F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
+                      + F.cross_entropy(logits.T, (targets / targets.sum(0, keepdim=True)).T))
+
+    def clamp_scale() -> None:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+    def evaluate() -> dict[str, float]:
+        return {"test_zero_shot_top1": zero_shot_accuracy(model, test.images, test.labels),
+                "eval_set_zero_shot_top1": zero_shot_accuracy(model, test.images[held_out], test.labels[held_out]),
+                **{f"eval_set_{key}": value for key, value in
+                   retrieval_r1(model, test.images[held_out], test.labels[held_out]).items()}}
+
+    history = fit(model, optimizer, scheduler, epochs, lambda: shuffled_batches(len(train), batch_size, generator),
+                  loss_of, evaluate, after_step=clamp_scale)
     recipe = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
               "augmentation": augmentation}
     return model.eval(), {"history": history, "recipe": recipe}
@@ -291,26 +307,17 @@ def train_llava(data: Path, seed: int, epochs: int, batch_size: int = 32, lr: fl
     no_decay = lambda name, p: p.ndim < 2 or "norm" in name or "embedding" in name  # noqa: E731
     optimizer, scheduler = optimizer_and_schedule(model, no_decay, lr, weight_decay, warmup_steps,
                                                   steps_per_epoch * epochs)
-    history = []
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        running = 0.0
-        for step in range(steps_per_epoch):
-            items = [make_question(train.labels, by_class, rng) for _ in range(batch_size)]
-            loss = model(**llava_batch(processor, train.images, items)).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            running += loss.item()
-        record = {"epoch": epoch + 1, "train_loss": running / steps_per_epoch,
-                  **{f"eval_{key}": value for key, value in
-                     llava_accuracy(model, processor, held_images, evaluation).items()},
-                  "minutes": (time.perf_counter() - started) / 60}
-        history.append(record)
-        print(json.dumps(record), flush=True)
+
+    def batches() -> Iterator[list]:
+        for _ in range(steps_per_epoch):
+            yield [make_question(train.labels, by_class, rng) for _ in range(batch_size)]
+
+    def evaluate() -> dict[str, float]:
+        return {f"eval_{key}": value for key, value in
+                llava_accuracy(model, processor, held_images, evaluation).items()}
+
+    history = fit(model, optimizer, scheduler, epochs, batches,
+                  lambda items: model(**llava_batch(processor, train.images, items)).loss, evaluate, max_grad_norm=1.0)
     return model.eval(), {"history": history}
 
 
