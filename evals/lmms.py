@@ -207,18 +207,18 @@ class VtpruneLlava(lmms):
         new = output[:, inputs["input_ids"].shape[1]:]
         texts = self.processor.batch_decode(new, skip_special_tokens=True)
         tokens = self._tokens(inputs, len(requests))
-        results = []
+        results, records = [], []
         for row, (request, text) in enumerate(zip(requests, texts)):
             for stop in until:
                 if stop and stop in text:
                     text = text[:text.index(stop)]
             output_tokens = int((new[row] != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None \
                 else int(new.shape[1])
-            record = {"task": request.args[4], "doc_id": request.args[3], **tokens[row]}
-            self._records.append(record)
+            records.append({"task": request.args[4], "doc_id": request.args[3], **tokens[row]})
             results.append(GenerationResult(text=text, token_counts=TokenCounts(
-                input_tokens=record["prompt_tokens"], output_tokens=output_tokens)))
-        self._write_records(results)
+                input_tokens=records[-1]["prompt_tokens"], output_tokens=output_tokens)))
+        self._records.extend(records)
+        self._write_records(records)
         return results
 
     def _tokens(self, inputs: dict[str, torch.Tensor], rows: int) -> list[dict[str, Any]]:
@@ -249,7 +249,7 @@ class VtpruneLlava(lmms):
             records.append(record)
         return records
 
-    def _write_records(self, results: list[GenerationResult]) -> None:
+    def _write_records(self, records: list[dict[str, Any]]) -> None:
         """Append to ``token_log`` (``<stem>.rank<i><suffix>`` per process when there are several)."""
         if self.token_log is None:
             return
@@ -258,7 +258,7 @@ class VtpruneLlava(lmms):
             path = path.with_name(f"{path.stem}.rank{self._rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as stream:
-            for record in self._records[-len(results):]:
+            for record in records:
                 stream.write(json.dumps({"policy": self.policy_spec, **record}) + "\n")
 
     def _log(self, elapsed: float, generated_tokens: int) -> None:
