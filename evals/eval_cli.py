@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HELP = "evaluate policies side by side: accuracy, fidelity, tokens, FLOPs and latency vs the unpruned model"
+HELP = ("evaluate policies side by side: accuracy, fidelity, tokens, FLOPs and latency vs the unpruned model; "
+        "with no --model/--task/--data/--config: the vtprune-mini laboratory (offline, minutes)")
+LAB_OUT = "vtprune-mini-eval"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +31,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-baselines", dest="baselines", action="store_false", default=None,
                         help="do not add the random and pooling baselines at each VLM policy's budget")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--full", action="store_true",
+                        help="the vtprune-mini laboratory on all of its evaluation sets (the default run uses "
+                             "subsets); only without --model/--task/--data/--config")
+
+
+def is_lab(args: argparse.Namespace) -> bool:
+    """No model, task, data or config: the vtprune-mini laboratory (:mod:`vtprune.evals.mini.lab`)."""
+    return not any((args.config, args.model, args.task, args.data))
+
+
+def run_lab_from_args(args: argparse.Namespace) -> int:
+    from .mini.lab import run_lab
+
+    ignored = [flag for flag, value in (("--policies", args.policies), ("--limit", args.limit),
+                                        ("--batch-size", args.batch_size), ("--dtype", args.dtype),
+                                        ("--seed", args.seed), ("--no-baselines", args.baselines))
+               if value is not None]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)} apply to a run of one model (--model, --task, --data); the "
+                         "vtprune-mini laboratory (no --model) accepts --out, --full, --device, --weights and --quiet")
+    out = Path(args.out or LAB_OUT)
+    run_lab(out, full=args.full, weights=args.weights or "pretrained", device=args.device or "cpu",
+            progress=not args.quiet)
+    print((out / "report.md").read_text())
+    return 0
 
 
 def config_from_args(args: argparse.Namespace):
@@ -61,6 +88,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     from .runner import run
 
     try:
+        if is_lab(args):
+            return run_lab_from_args(args)
+        if args.full:
+            raise ValueError("--full applies to the vtprune-mini laboratory (vtprune eval with no --model, --task, "
+                             "--data or --config); for one model, --limit chooses the samples")
         config = config_from_args(args)
         summary = run(config, progress=not args.quiet)
     except (ValueError, FileNotFoundError, IncompatibleRunError) as error:

@@ -191,10 +191,12 @@ def test_the_trainers_run_end_to_end_and_save_what_load_reads(tmp_path, monkeypa
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(2000) % 10)
     out = tmp_path / "weights"
     monkeypatch.setattr(models, "WEIGHTS", out)
-    trained = {"mini-vit": train_vit(tmp_path, seed=0, epochs=2, batch_size=32, warmup_steps=2),
-               "mini-clip": train_clip(tmp_path, seed=0, epochs=1, batch_size=32, warmup_steps=2),
-               "mini-llava": train_llava(tmp_path, seed=0, epochs=1, batch_size=4, warmup_steps=2,
-                                         samples_per_epoch=8)}
+    trained = {"mini-clip": train_clip(tmp_path, seed=0, epochs=1, batch_size=32, warmup_steps=2)}
+    save(*trained["mini-clip"], tmp_path / "clip", {})
+    trained["mini-vit"] = train_vit(tmp_path, seed=0, epochs=2, batch_size=32, warmup_steps=2,
+                                    init=tmp_path / "clip" / "mini-clip.safetensors")
+    trained["mini-llava"] = train_llava(tmp_path, seed=0, epochs=1, batch_size=4, warmup_steps=2, samples_per_epoch=8,
+                                        tower_epochs=1, tower_batch_size=4)
     keys = {"mini-vit": "eval_set_top1", "mini-clip": "eval_set_i2t_r1", "mini-llava": "eval_accuracy"}
     for name, (model, record) in trained.items():
         assert [entry["epoch"] for entry in record["history"]] == list(range(1, len(record["history"]) + 1))
@@ -204,4 +206,27 @@ def test_the_trainers_run_end_to_end_and_save_what_load_reads(tmp_path, monkeypa
         for key, value in loaded.state_dict().items():
             assert torch.equal(value, model.state_dict()[key].to(torch.float16).float()), (name, key)
     assert len(trained["mini-vit"][1]["history"]) == 2
-    assert capsys.readouterr().out.count('"epoch"') == 4  # one JSON line per epoch
+    assert 0 <= trained["mini-vit"][1]["before_fine_tuning"]["eval_set_top1"] <= 1
+    assert [entry["epoch"] for entry in trained["mini-llava"][1]["tower_history"]] == [1]
+    assert 0 <= trained["mini-llava"][1]["tower_history"][0]["eval_item_top1"] <= 1
+    assert capsys.readouterr().out.count('"epoch"') == 5  # one JSON line per epoch
+
+
+def test_mini_vit_starts_as_mini_clips_zero_shot_classifier():
+    """vit_state_from_clip: the timm model's logits are the CLIP image embedding (before normalisation)
+    times the class-prompt embeddings, so its predictions are mini-clip's zero-shot predictions."""
+    from vtprune.evals.mini.models import WEIGHTS, build_mini_vit, tokenizer
+    from vtprune.evals.mini.text import caption
+    from vtprune.evals.mini.train import clip_initialisation, zero_shot_accuracy
+
+    clip, vit = load("mini-clip"), build_mini_vit().eval()
+    vit.load_state_dict(clip_initialisation(WEIGHTS / "mini-clip.safetensors"))
+    shipped = eval_set()
+    pixels = to_input(shipped.images[:300])
+    with torch.inference_mode():
+        prompts = tokenizer()([caption(i) for i in range(10)])
+        classifier = torch.nn.functional.normalize(clip.encode_text(prompts), dim=-1)
+        assert torch.allclose(vit(pixels), clip.encode_image(pixels) @ classifier.T, atol=1e-4)
+        predicted = vit(to_input(shipped.images)).argmax(-1).numpy()
+    assert (predicted == shipped.labels).mean() == pytest.approx(zero_shot_accuracy(clip, shipped.images,
+                                                                                     shipped.labels))

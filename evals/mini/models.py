@@ -11,9 +11,11 @@ from torch import nn
 WEIGHTS = Path(__file__).with_name("assets")
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-split pixel mean and standard deviation (in [0, 1])
 
-# timm VisionTransformer on 28x28 images: patch 2 -> 196 patch tokens + CLS
-MINI_VIT = {"img_size": 28, "patch_size": 2, "in_chans": 3, "num_classes": 10, "embed_dim": 96, "depth": 6,
-            "num_heads": 3, "mlp_ratio": 2.0}
+# timm VisionTransformer on 28x28 images: patch 2 -> 196 patch tokens + CLS. The layout of timm's CLIP ViTs
+# (``vit_*_clip_*``: a LayerNorm before the blocks, LayerNorm eps 1e-5), because mini-vit is fine-tuned from
+# mini-clip's image tower (:func:`vit_state_from_clip`), as timm's ``*_clip_*.openai_ft_in1k`` models are from CLIP
+MINI_VIT = {"img_size": 28, "patch_size": 2, "in_chans": 3, "num_classes": 10, "embed_dim": 96, "depth": 4,
+            "num_heads": 3, "mlp_ratio": 2.0, "pre_norm": True}
 
 
 def build_mini_vit() -> nn.Module:
@@ -22,10 +24,33 @@ def build_mini_vit() -> nn.Module:
     timm's ``resolve_data_config`` the input size and normalisation (no resize, no crop)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(**MINI_VIT)
+    model = VisionTransformer(**MINI_VIT, norm_layer=nn.LayerNorm)
     model.pretrained_cfg = {"input_size": (3, 28, 28), "mean": (MEAN,) * 3, "std": (STD,) * 3, "crop_pct": 1.0,
                             "interpolation": "bilinear", "num_classes": 10, "architecture": "mini-vit"}
     return model
+
+
+def vit_state_from_clip(visual: dict[str, torch.Tensor], classifier: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A ``mini-vit`` state dict from an open_clip image tower's state dict (``visual``: mini-clip's
+    ``model.visual.state_dict()``) and a ``[10, embed]`` zero-shot classifier (the normalised text embeddings
+    of the class prompts). The head is ``proj @ classifier.T``: its argmax is the zero-shot prediction (the
+    image embedding's norm only scales a row of logits)."""
+    state = {"cls_token": visual["class_embedding"][None, None], "pos_embed": visual["positional_embedding"][None],
+             "patch_embed.proj.weight": visual["conv1.weight"],
+             "norm_pre.weight": visual["ln_pre.weight"], "norm_pre.bias": visual["ln_pre.bias"],
+             "norm.weight": visual["ln_post.weight"], "norm.bias": visual["ln_post.bias"],
+             "head.weight": (visual["proj"] @ classifier.T).T.contiguous(),
+             "head.bias": torch.zeros(classifier.shape[0])}
+    names = {"ln_1": "norm1", "ln_2": "norm2", "attn.in_proj_weight": "attn.qkv.weight",
+             "attn.in_proj_bias": "attn.qkv.bias", "attn.out_proj": "attn.proj", "mlp.c_fc": "mlp.fc1",
+             "mlp.c_proj": "mlp.fc2"}
+    for key, value in visual.items():
+        if key.startswith("transformer.resblocks."):
+            rest = key.removeprefix("transformer.resblocks.")
+            for clip_name, timm_name in names.items():
+                rest = rest.replace(clip_name, timm_name)
+            state[f"blocks.{rest}"] = value
+    return state
 
 
 # open_clip CLIP: a ViT image tower on 28x28 images (patch 2 -> 196 patch tokens + CLS) and a small text
