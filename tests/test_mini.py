@@ -195,8 +195,8 @@ def test_the_trainers_run_end_to_end_and_save_what_load_reads(tmp_path, monkeypa
     save(*trained["mini-clip"], tmp_path / "clip", {})
     trained["mini-vit"] = train_vit(tmp_path, seed=0, epochs=2, batch_size=32, warmup_steps=2,
                                     init=tmp_path / "clip" / "mini-clip.safetensors")
-    trained["mini-llava"] = train_llava(tmp_path, seed=0, epochs=1, batch_size=4, warmup_steps=2, samples_per_epoch=8,
-                                        tower_epochs=1, tower_batch_size=4)
+    trained["mini-llava"] = train_llava(tmp_path, seed=0, epochs=1, grids_per_batch=2, warmup_steps=2,
+                                        grids_per_epoch=4, tower_epochs=1, tower_batch_size=4)
     keys = {"mini-vit": "eval_set_top1", "mini-clip": "eval_set_i2t_r1", "mini-llava": "eval_accuracy"}
     for name, (model, record) in trained.items():
         assert [entry["epoch"] for entry in record["history"]] == list(range(1, len(record["history"]) + 1))
@@ -230,3 +230,31 @@ def test_mini_vit_starts_as_mini_clips_zero_shot_classifier():
         predicted = vit(to_input(shipped.images)).argmax(-1).numpy()
     assert (predicted == shipped.labels).mean() == pytest.approx(zero_shot_accuracy(clip, shipped.images,
                                                                                      shipped.labels))
+
+
+def test_seven_questions_per_grid_share_one_tower_pass_and_match_llavas_own_forward():
+    """shared_image_batch gives the loss and logits of LlavaForConditionalGeneration's own forward on the
+    processor's batch (the tower once per grid instead of once per question)."""
+    from vtprune.evals.mini.grids import QUADRANTS, make_question, related_questions
+    from vtprune.evals.mini.models import build_mini_llava_processor
+    from vtprune.evals.mini.train import llava_batch, shared_image_batch
+
+    shipped = eval_set()
+    rng = np.random.default_rng(0)
+    by_class = [np.flatnonzero(shipped.labels == label) for label in range(10)]
+    groups = [related_questions(make_question(shipped.labels, by_class, rng), shipped.labels, rng) for _ in range(3)]
+    for group in groups:
+        labels = [CLASS_NAMES[shipped.labels[index]] for index in group[0].items]
+        assert len(group) == 7 and len({item.items for item in group}) == 1
+        assert [item.answer for item in group[1:5]] == labels
+        assert [item.question for item in group[1:5]] == [f"what is at the {q} ?" for q in QUADRANTS]
+        present = group[5].question.removeprefix("is there a ").removesuffix(" ?")
+        assert group[5].answer == ("yes" if present in labels else "no")
+        counted = group[6].question.removeprefix("how many ").removesuffix(" items are there ?")
+        assert group[6].answer == str(labels.count(counted))
+    torch.manual_seed(0)
+    model, processor = load("mini-llava", weights="random"), build_mini_llava_processor()
+    with torch.no_grad():
+        shared = model(**shared_image_batch(model, processor, shipped.images, groups))
+        own = model(**llava_batch(processor, shipped.images, [item for group in groups for item in group]))
+    assert torch.allclose(shared.logits, own.logits, atol=1e-5) and shared.loss == pytest.approx(own.loss.item(), rel=1e-5)

@@ -81,3 +81,17 @@ def questions(labels: np.ndarray, count: int, seed: int) -> list[GridQuestion]:
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(labels == label) for label in range(len(CLASS_NAMES))]
     return [make_question(labels, by_class, rng, KINDS[index % len(KINDS)]) for index in range(count)]
+
+
+def related_questions(question: GridQuestion, labels_of: np.ndarray, rng: np.random.Generator) -> list[GridQuestion]:
+    """``question`` and six more about its grid: the four position questions, and a presence and a count
+    question about a random class (their answers read off the grid's labels ``labels_of[items]``)."""
+    labels = [int(labels_of[index]) for index in question.items]
+    related = [question, *(GridQuestion(question.items, f"what is at the {QUADRANTS[quadrant]} ?",
+                                        CLASS_NAMES[labels[quadrant]], "position") for quadrant in range(4))]
+    present, counted = (int(label) for label in rng.integers(0, len(CLASS_NAMES), 2))
+    related.append(GridQuestion(question.items, f"is there a {CLASS_NAMES[present]} ?",
+                                "yes" if present in labels else "no", "presence"))
+    related.append(GridQuestion(question.items, f"how many {CLASS_NAMES[counted]} items are there ?",
+                                COUNT_WORDS[labels.count(counted)], "count"))
+    return related

@@ -365,15 +365,45 @@ def pretrain_llava_tower(model: torch.nn.Module, train: Any, test: Any, held_out
                lambda: shuffled_batches(len(train), 4 * batch_size, generator), loss_of, evaluate)
 
 
-def train_llava(data: Path, seed: int, epochs: int, batch_size: int = 32, lr: float = 1e-3,
-                weight_decay: float = 0.05, warmup_steps: int = 200, samples_per_epoch: int = 30000,
-                tower_epochs: int = 8, tower_batch_size: int = 64) -> tuple[torch.nn.Module, dict]:
+def shared_image_batch(model: torch.nn.Module, processor: Any, images: np.ndarray,
+                       groups: list[list[Any]]) -> dict[str, torch.Tensor]:
+    """A training batch for several questions per grid (``groups``: lists of :class:`GridQuestion` on the
+    same grid), as ``inputs_embeds``: the frozen tower runs once per grid and the projector's output is
+    repeated for the grid's questions, then placed at the ``<image>`` positions as LLaVA does internally.
+    ``labels`` are on the answer words and ``</s>``."""
+    llava = model.model
+    with torch.no_grad():
+        pixels = grid_pixels(images, np.array([group[0].items for group in groups]))
+        hidden = llava.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    features = llava.multi_modal_projector(hidden)
+    rows = [item for group in groups for item in group]
+    per_row = features.repeat_interleave(torch.tensor([len(group) for group in groups]), dim=0)
+    image = processor.image_token
+    prompts = [f"USER: {image * hidden.shape[1]}\n{item.question} ASSISTANT: {item.answer} </s>" for item in rows]
+    batch = processor.tokenizer(prompts, return_tensors="pt", padding=True)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    is_image = batch["input_ids"] == model.config.image_token_id
+    embeds = embeds.masked_scatter(is_image[..., None], per_row.reshape(-1, per_row.shape[-1]).to(embeds.dtype))
+    labels = torch.full_like(batch["input_ids"], -100)
+    for row, item in enumerate(rows):
+        length = len(item.answer.split()) + 1
+        labels[row, -length:] = batch["input_ids"][row, -length:]
+    return {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr: float = 1e-3,
+                weight_decay: float = 0.05, warmup_steps: int = 200, grids_per_epoch: int = 6500,
+                tower_epochs: int = 8, tower_batch_size: int = 64,
+                tower: Path | None = None) -> tuple[torch.nn.Module, dict]:
     """Two stages, as LLaVA's recipe has a pretrained CLIP tower that stays frozen:
-    :func:`pretrain_llava_tower` for ``tower_epochs``, then next-token loss on the answers of fresh random
-    grid questions from the training split (``samples_per_epoch`` per epoch) with the tower frozen and
-    the projector and decoder trained. AdamW, warm-up then cosine decay. Accuracy: 600 questions on grids
-    of the held-out evaluation images, overall and per kind."""
-    from .grids import make_question, questions
+    :func:`pretrain_llava_tower` for ``tower_epochs``, then next-token loss on the answers of questions
+    about fresh random grids of training images, the tower frozen and the projector and decoder trained.
+    Each grid comes with seven questions (:func:`grids.related_questions`: a balanced random question, the
+    four position questions and a presence and a count question), all in one batch, so the tower runs once
+    per grid (:func:`shared_image_batch`). AdamW, warm-up then cosine decay. Accuracy: 600 single questions
+    on grids of the held-out evaluation images, through ``generate``, overall and per kind. ``tower``: a
+    mini-llava checkpoint directory whose vision tower replaces stage 1 (``tower_epochs`` is then ignored)."""
+    from .grids import make_question, questions, related_questions
     from .models import build_mini_llava, build_mini_llava_processor
 
     torch.manual_seed(seed)
@@ -385,31 +415,41 @@ def train_llava(data: Path, seed: int, epochs: int, batch_size: int = 32, lr: fl
     evaluation = questions(held_labels, 600, seed=1)
     by_class = [np.flatnonzero(train.labels == label) for label in range(10)]
     model, processor = build_mini_llava(), build_mini_llava_processor()
-    tower_history = pretrain_llava_tower(model, train, test, held_out, tower_epochs, generator,
-                                         batch_size=tower_batch_size) if tower_epochs else []
+    if tower is not None:
+        from transformers import LlavaForConditionalGeneration
+
+        checkpoint = LlavaForConditionalGeneration.from_pretrained(tower, dtype=torch.float32)
+        model.model.vision_tower.load_state_dict(checkpoint.model.vision_tower.state_dict())
+        tower_history, tower_epochs = [], 0
+    else:
+        tower_history = pretrain_llava_tower(model, train, test, held_out, tower_epochs, generator,
+                                             batch_size=tower_batch_size) if tower_epochs else []
     model.model.vision_tower.requires_grad_(False)
-    steps_per_epoch = samples_per_epoch // batch_size
+    steps_per_epoch = grids_per_epoch // grids_per_batch
     no_decay = lambda name, p: p.ndim < 2 or "norm" in name or "embedding" in name  # noqa: E731
     optimizer, scheduler = optimizer_and_schedule(model, no_decay, lr, weight_decay, warmup_steps,
                                                   steps_per_epoch * epochs)
 
     def batches() -> Iterator[list]:
         for _ in range(steps_per_epoch):
-            yield [make_question(train.labels, by_class, rng) for _ in range(batch_size)]
+            yield [related_questions(make_question(train.labels, by_class, rng), train.labels, rng)
+                   for _ in range(grids_per_batch)]
 
-    def loss_of(items: list) -> torch.Tensor:
+    def loss_of(groups: list) -> torch.Tensor:
         model.model.vision_tower.eval()
-        return model(**llava_batch(processor, train.images, items)).loss
+        return model(**shared_image_batch(model, processor, train.images, groups)).loss
 
     def evaluate() -> dict[str, float]:
         return {f"eval_{key}": value for key, value in
                 llava_accuracy(model, processor, held_images, evaluation).items()}
 
     history = fit(model, optimizer, scheduler, epochs, batches, loss_of, evaluate, max_grad_norm=1.0)
-    recipe = {"tower": {"epochs": tower_epochs, "batch_size": tower_batch_size, "lr": 1e-3, "weight_decay": 0.05,
-                        "warmup_steps": 200},
-              "llava": {"tower": "frozen", "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                        "warmup_steps": warmup_steps, "samples_per_epoch": samples_per_epoch}}
+    stage_one = {"epochs": tower_epochs, "batch_size": tower_batch_size, "lr": 1e-3, "weight_decay": 0.05,
+                 "warmup_steps": 200}
+    recipe = {"tower": {"from": str(tower)} if tower is not None else stage_one,
+              "llava": {"tower": "frozen", "grids_per_batch": grids_per_batch, "questions_per_grid": 7, "lr": lr,
+                        "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+                        "grids_per_epoch": grids_per_epoch}}
     return model.eval(), {"tower_history": tower_history, "history": history, "recipe": recipe}
 
 
@@ -442,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--tower", type=Path, default=None,
+                        help="llava only: take the vision tower from this mini-llava checkpoint directory instead of "
+                             "training it (stage 1)")
     parser.add_argument("--init", default=None,
                         help="vit only: the mini-clip weights to fine-tune (default: OUT/mini-clip.safetensors), or "
                              "'scratch' for random initialisation")
@@ -452,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.init is not None and args.model != "vit":
         parser.error(f"--init applies to vit only, not {args.model}")
-    options = {}
+    if args.tower is not None and args.model != "llava":
+        parser.error(f"--tower applies to llava only, not {args.model}")
+    options: dict[str, Any] = {"tower": args.tower} if args.tower is not None else {}
     if args.model == "vit":
         options["init"] = None if args.init == "scratch" else Path(args.init or args.out / "mini-clip.safetensors")
     model, record = trainer(args.data, args.seed, epochs, **options)
