@@ -8,11 +8,14 @@ from vtprune.evals.mini import lab
 from vtprune.evals.runner import canonical
 
 
+LAB_SUITE = lab.suite
+
+
 def small_suite(full=False):
     """The laboratory's runs with fewer samples (the classification folders are in class order, so the
     first 40 images are t-shirts)."""
     limits = {"classification": 40, "zeroshot": 40, "vqa": 12}
-    return tuple(dataclasses.replace(run, limit=limits[run.task], batch_size=20) for run in lab.suite(full))
+    return tuple(dataclasses.replace(run, limit=limits[run.task], batch_size=20) for run in LAB_SUITE(full))
 
 
 def test_every_policy_runs_at_three_budgets_where_it_applies():

@@ -24,12 +24,13 @@ COUNT_WORDS = ("0", "1", "2", "3", "4")
 @dataclass(frozen=True)
 class GridQuestion:
     """One item: the four source-image indices (raster order of the quadrants), the question, its answer,
-    and its kind."""
+    its kind, and the class a presence or count question asks about (``subject``)."""
 
     items: tuple[int, int, int, int]
     question: str
     answer: str
     kind: str
+    subject: int | None = None
 
 
 def compose(images: np.ndarray, items: tuple[int, ...]) -> np.ndarray:
@@ -56,6 +57,7 @@ def make_question(labels_of: np.ndarray, by_class: list[np.ndarray], rng: np.ran
     """A random grid and question of ``kind`` (random when ``None``) drawn from the images whose labels are
     ``labels_of`` (``by_class[c]``: their indices of class ``c``)."""
     kind = kind or KINDS[int(rng.integers(len(KINDS)))]
+    label = None
     if kind == "position":
         labels = list(rng.integers(0, len(CLASS_NAMES), 4))
         quadrant = int(rng.integers(4))
@@ -72,7 +74,7 @@ def make_question(labels_of: np.ndarray, by_class: list[np.ndarray], rng: np.ran
     else:
         raise ValueError(f"unknown question kind {kind!r}; accepted: {', '.join(KINDS)}")
     items = tuple(_pick(by_class, int(label), rng) for label in labels)
-    return GridQuestion(items=items, question=question, answer=answer, kind=kind)
+    return GridQuestion(items=items, question=question, answer=answer, kind=kind, subject=label)
 
 
 def questions(labels: np.ndarray, count: int, seed: int) -> list[GridQuestion]:
@@ -84,14 +86,19 @@ def questions(labels: np.ndarray, count: int, seed: int) -> list[GridQuestion]:
 
 
 def related_questions(question: GridQuestion, labels_of: np.ndarray, rng: np.random.Generator) -> list[GridQuestion]:
-    """``question`` and six more about its grid: the four position questions, and a presence and a count
-    question about a random class (their answers read off the grid's labels ``labels_of[items]``)."""
+    """``question`` and six more about its grid (answers read off the grid's labels ``labels_of[items]``):
+    the four position questions, and a presence and a count question about ``question``'s subject; after
+    a position question, about a class of the grid or (probability 0.5) one not in it, so that yes and no
+    stay balanced."""
     labels = [int(labels_of[index]) for index in question.items]
     related = [question, *(GridQuestion(question.items, f"what is at the {QUADRANTS[quadrant]} ?",
                                         CLASS_NAMES[labels[quadrant]], "position") for quadrant in range(4))]
-    present, counted = (int(label) for label in rng.integers(0, len(CLASS_NAMES), 2))
-    related.append(GridQuestion(question.items, f"is there a {CLASS_NAMES[present]} ?",
-                                "yes" if present in labels else "no", "presence"))
-    related.append(GridQuestion(question.items, f"how many {CLASS_NAMES[counted]} items are there ?",
-                                COUNT_WORDS[labels.count(counted)], "count"))
+    subject = question.subject
+    if subject is None:
+        absent = [label for label in range(len(CLASS_NAMES)) if label not in labels]
+        subject = int(rng.choice(labels if rng.integers(2) else absent))
+    related.append(GridQuestion(question.items, f"is there a {CLASS_NAMES[subject]} ?",
+                                "yes" if subject in labels else "no", "presence", subject))
+    related.append(GridQuestion(question.items, f"how many {CLASS_NAMES[subject]} items are there ?",
+                                COUNT_WORDS[labels.count(subject)], "count", subject))
     return related

@@ -88,21 +88,25 @@ def run_lab(out: Path | str, full: bool = False, weights: str = "pretrained", de
         summary = run(EvalConfig(model=lab_run.model, task=lab_run.task, data="mini", policies=lab_run.policies,
                                  out=str(out / lab_run.name), limit=lab_run.limit, batch_size=lab_run.batch_size,
                                  device=device, weights=weights, baselines=False), progress=progress)
+        by_kind = _by_kind(out / lab_run.name, lab_run.limit) if lab_run.task == "vqa" else None
         record["runs"].append({"name": lab_run.name, "model": lab_run.model, "task": lab_run.task,
-                               "metric": lab_run.metric, "limit": lab_run.limit, "seconds": time.perf_counter() - started,
-                               "by_kind": _by_kind(out / lab_run.name) if lab_run.task == "vqa" else None,
-                               "summary": summary})
+                               "metric": lab_run.metric, "limit": lab_run.limit,
+                               "seconds": time.perf_counter() - started, "by_kind": by_kind, "summary": summary})
     (out / "lab.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     (out / "report.md").write_text(format_lab_report(record))
     write_lab_plot(out / "lab.png", record)
     return record
 
 
-def _by_kind(directory: Path) -> dict[str, dict[str, float]]:
-    """Exact-match accuracy per configuration and question kind, from the run's ``results.jsonl``."""
+def _by_kind(directory: Path, limit: int | None) -> dict[str, dict[str, float]]:
+    """Exact-match accuracy per configuration and question kind, from the run's ``results.jsonl`` (the
+    first ``limit`` questions: the mini questions' ids are their indices; an earlier, longer run in the same
+    directory leaves more rows there)."""
     totals: dict[str, dict[str, list[float]]] = {}
     for line in (directory / "results.jsonl").read_text().splitlines():
         row = json.loads(line)
+        if limit is not None and int(row["sample"]) >= limit:
+            continue
         if row.get("error") is None and row.get("category"):
             kind = row["category"].removeprefix("grid ")
             totals.setdefault(row["configuration"], {}).setdefault(kind, []).append(row["exact"])
@@ -134,7 +138,7 @@ def format_lab_report(record: dict[str, Any]) -> str:
                   f"Per-configuration outputs and plots: `{lab_run['name']}/`.", "",
                   f"| configuration | {metric} % | % of unpruned | " + "".join(f"{kind} % | " for kind in kinds)
                   + "agreement % | final tokens (per layer) | GFLOPs [full] | ms/sample |",
-                  "|---|" + "---:|" * (5 + len(kinds))]
+                  "|---|" + "---:|" * (6 + len(kinds))]
         for entry in summary["results"]:
             value, kept = entry["metrics"].get(metric), entry["percent_of_unpruned"].get(metric)
             by_kind = (lab_run["by_kind"] or {}).get(entry["configuration"], {})
@@ -204,7 +208,8 @@ def write_results_page(out: Path | str, docs: Path | str) -> Path:
         for plot in ("accuracy_vs_flops.png", "tokens_per_layer.png"):
             if (out / lab_run["name"] / plot).exists():
                 shutil.copyfile(out / lab_run["name"] / plot, images / f"{lab_run['name']}-{plot}")
-                plots.append(f"![{lab_run['name']}: {plot[:-4].replace('_', ' ')}](img/results/{lab_run['name']}-{plot})")
+                title = f"{lab_run['name']}: {plot[:-4].replace('_', ' ')}"
+                plots.append(f"![{title}](img/results/{lab_run['name']}-{plot})")
     environment = record["runs"][0]["summary"]["environment"]
     seconds = sum(lab_run["seconds"] for lab_run in record["runs"])
     page = ["# Results: the default `vtprune eval`", "",
