@@ -84,7 +84,7 @@ def test_the_runner_takes_mini_models_and_data(tmp_path):
                              batch_size=10, policies=("tome:r=8",), out=str(tmp_path / "out")), progress=False)
     results = {entry["configuration"]: entry for entry in summary["results"]}
     assert list(results) == ["none (unpruned)", "tome:r=8"]
-    assert results["tome:r=8"]["tokens_per_layer"] == [197, 189, 181, 173, 165, 157]
+    assert results["tome:r=8"]["tokens_per_layer"] == [197, 189, 181, 173]  # 4 blocks
     assert summary["config"]["data"] == "mini" and (tmp_path / "out" / "mini-data" / "fashion-mnist-eval").is_dir()
     with pytest.raises(ValueError, match="accepted: mini-vit"):
         load("mini-bert")
@@ -192,7 +192,7 @@ def test_the_trainers_run_end_to_end_and_save_what_load_reads(tmp_path, monkeypa
     out = tmp_path / "weights"
     monkeypatch.setattr(models, "WEIGHTS", out)
     trained = {"mini-clip": train_clip(tmp_path, seed=0, epochs=1, batch_size=32, warmup_steps=2)}
-    save(*trained["mini-clip"], tmp_path / "clip", {})
+    save(trained["mini-clip"][0], "mini-clip", tmp_path / "clip", {})
     trained["mini-vit"] = train_vit(tmp_path, seed=0, epochs=2, batch_size=32, warmup_steps=2,
                                     init=tmp_path / "clip" / "mini-clip.safetensors")
     trained["mini-llava"] = train_llava(tmp_path, seed=0, epochs=1, grids_per_batch=2, warmup_steps=2,
