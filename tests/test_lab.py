@@ -1,6 +1,7 @@
 """`vtprune eval` with no model: the vtprune-mini laboratory (evals/mini/lab.py)."""
 import dataclasses
 import json
+import re
 
 from vtprune import make_policy
 from vtprune.evals import cli
@@ -52,6 +53,12 @@ def test_vtprune_eval_without_a_model_runs_the_laboratory(tmp_path, monkeypatch,
     report = (out / "report.md").read_text()
     assert "| pool2d:keep=49 |" in report and "position %" in report
     assert (out / "lab.png").stat().st_size > 10_000
+    # the docs' results page: the report under its own title, every image it links copied beside it
+    page = lab.write_results_page(out, tmp_path / "docs").read_text()
+    assert page.startswith("# Results: the default `vtprune eval`") and "| pool2d:keep=49 |" in page
+    links = re.findall(r"\]\((img/results/[^)]+)\)", page)
+    assert "img/results/lab.png" in links and len(links) == 7
+    assert all((tmp_path / "docs" / link).is_file() for link in links)
     # a second call resumes: every row is already there, nothing is recomputed, the report is the same
     rows = (out / "llava-vqa" / "results.jsonl").read_text()
     assert cli.main(["eval", "--out", str(out), "--quiet"]) == 0
