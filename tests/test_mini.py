@@ -217,7 +217,7 @@ def test_mini_vit_starts_as_mini_clips_zero_shot_classifier():
     times the class-prompt embeddings, so its predictions are mini-clip's zero-shot predictions."""
     from vtprune.evals.mini.models import WEIGHTS, build_mini_vit, tokenizer
     from vtprune.evals.mini.text import caption
-    from vtprune.evals.mini.train import clip_initialisation, zero_shot_accuracy
+    from vtprune.evals.mini.train import clip_initialisation, zero_shot_accuracy, zero_shot_classifier
 
     clip, vit = load("mini-clip"), build_mini_vit().eval()
     vit.load_state_dict(clip_initialisation(WEIGHTS / "mini-clip.safetensors"))
@@ -226,6 +226,7 @@ def test_mini_vit_starts_as_mini_clips_zero_shot_classifier():
     with torch.inference_mode():
         prompts = tokenizer()([caption(i) for i in range(10)])
         classifier = torch.nn.functional.normalize(clip.encode_text(prompts), dim=-1)
+        assert torch.equal(zero_shot_classifier(clip), classifier)
         assert torch.allclose(vit(pixels), clip.encode_image(pixels) @ classifier.T, atol=1e-4)
         predicted = vit(to_input(shipped.images)).argmax(-1).numpy()
     assert (predicted == shipped.labels).mean() == pytest.approx(zero_shot_accuracy(clip, shipped.images,

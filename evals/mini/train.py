@@ -114,18 +114,14 @@ def clip_initialisation(clip_weights: Path) -> dict[str, torch.Tensor]:
     prompts as the head (:func:`vtprune.evals.mini.models.vit_state_from_clip`)."""
     from safetensors.torch import load_file
 
-    from .data import CLASS_NAMES
-    from .models import build_mini_clip, tokenizer, vit_state_from_clip
-    from .text import caption
+    from .models import build_mini_clip, vit_state_from_clip
 
     if not clip_weights.exists():
         raise FileNotFoundError(f"mini-vit is fine-tuned from mini-clip, whose weights {clip_weights} do not exist; "
                                 "train them first with `python -m vtprune.evals.mini.train clip`, or pass --init")
     clip = build_mini_clip()
     clip.load_state_dict({key: value.float() for key, value in load_file(clip_weights).items()})
-    with torch.inference_mode():
-        classifier = F.normalize(clip.eval().encode_text(tokenizer()([caption(i) for i in range(len(CLASS_NAMES))])),
-                                 dim=-1)
+    classifier = zero_shot_classifier(clip)
     return {key: value.clone() for key, value in vit_state_from_clip(clip.visual.state_dict(), classifier).items()}
 
 
@@ -191,14 +187,21 @@ def compatible(labels: torch.Tensor, brightness: torch.Tensor, size: torch.Tenso
     return same.float()
 
 
-def zero_shot_accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+def zero_shot_classifier(model: torch.nn.Module) -> torch.Tensor:
+    """``[10, embed]``: mini-clip's normalised text embeddings of the class prompts ``"a photo of a {name}."``
+    (:func:`vtprune.evals.mini.text.caption`)."""
     from .data import CLASS_NAMES
     from .models import tokenizer
     from .text import caption
 
     model.eval()
     with torch.inference_mode():
-        text = F.normalize(model.encode_text(tokenizer()([caption(i) for i in range(len(CLASS_NAMES))])), dim=-1)
+        return F.normalize(model.encode_text(tokenizer()([caption(i) for i in range(len(CLASS_NAMES))])), dim=-1)
+
+
+def zero_shot_accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
+    text = zero_shot_classifier(model)
+    with torch.inference_mode():
         correct = 0
         for start in range(0, len(labels), 500):
             features = F.normalize(model.encode_image(to_input(images[start:start + 500])), dim=-1)
@@ -289,12 +292,18 @@ def llava_batch(processor, images: np.ndarray, items: list, answers: bool = True
     grids = [Image.fromarray(compose(images, item.items)).convert("RGB") for item in items]
     batch = processor(images=grids, text=prompts, return_tensors="pt", padding=True)
     if answers:
-        labels = torch.full_like(batch["input_ids"], -100)
-        for row, item in enumerate(items):
-            length = len(item.answer.split()) + 1
-            labels[row, -length:] = batch["input_ids"][row, -length:]
-        batch["labels"] = labels
+        batch["labels"] = answer_labels(batch["input_ids"], items)
     return dict(batch)
+
+
+def answer_labels(input_ids: torch.Tensor, items: list) -> torch.Tensor:
+    """Next-token targets on each row's answer words and ``</s>`` (the row's last tokens: prompts end with
+    ``" {answer} </s>"`` and are left-padded), ``-100`` elsewhere."""
+    labels = torch.full_like(input_ids, -100)
+    for row, item in enumerate(items):
+        length = len(item.answer.split()) + 1
+        labels[row, -length:] = input_ids[row, -length:]
+    return labels
 
 
 def llava_accuracy(model, processor, images: np.ndarray, items: list, batch_size: int = 50) -> dict[str, float]:
@@ -321,10 +330,15 @@ def grid_pixels(images: np.ndarray, grids: np.ndarray) -> torch.Tensor:
     return to_input(np.stack([compose(images, tuple(row)) for row in grids]))
 
 
+def projector_input(tower: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """``[N, 196, width]``: the patch tokens of the hidden state mini-llava hands to its projector
+    (``vision_feature_layer=-2``, ``vision_feature_select_strategy="default"``: CLS dropped)."""
+    return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+
+
 def quadrant_logits(tower: torch.nn.Module, head: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """``[N, 4, 10]``: ``head`` on the mean of each quadrant's 7x7 patch tokens in the hidden state LLaVA
-    hands to its projector (``vision_feature_layer=-2``)."""
-    hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    """``[N, 4, 10]``: ``head`` on the mean of each quadrant's 7x7 patch tokens in :func:`projector_input`."""
+    hidden = projector_input(tower, pixels)
     n, side = hidden.shape[0], int(hidden.shape[1] ** 0.5)
     grid = hidden.reshape(n, 2, side // 2, 2, side // 2, -1)
     return head(grid.mean(dim=(2, 4)).reshape(n, 4, -1))
@@ -374,7 +388,7 @@ def shared_image_batch(model: torch.nn.Module, processor: Any, images: np.ndarra
     llava = model.model
     with torch.no_grad():
         pixels = grid_pixels(images, np.array([group[0].items for group in groups]))
-        hidden = llava.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        hidden = projector_input(llava.vision_tower, pixels)
     features = llava.multi_modal_projector(hidden)
     rows = [item for group in groups for item in group]
     per_row = features.repeat_interleave(torch.tensor([len(group) for group in groups]), dim=0)
@@ -384,11 +398,8 @@ def shared_image_batch(model: torch.nn.Module, processor: Any, images: np.ndarra
     embeds = model.get_input_embeddings()(batch["input_ids"])
     is_image = batch["input_ids"] == model.config.image_token_id
     embeds = embeds.masked_scatter(is_image[..., None], per_row.reshape(-1, per_row.shape[-1]).to(embeds.dtype))
-    labels = torch.full_like(batch["input_ids"], -100)
-    for row, item in enumerate(rows):
-        length = len(item.answer.split()) + 1
-        labels[row, -length:] = batch["input_ids"][row, -length:]
-    return {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"], "labels": labels}
+    return {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"],
+            "labels": answer_labels(batch["input_ids"], rows)}
 
 
 def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr: float = 1e-3,
