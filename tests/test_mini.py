@@ -233,12 +233,13 @@ def test_mini_vit_starts_as_mini_clips_zero_shot_classifier():
                                                                                      shipped.labels))
 
 
-def test_seven_questions_per_grid_share_one_tower_pass_and_match_llavas_own_forward():
-    """shared_image_batch gives the loss and logits of LlavaForConditionalGeneration's own forward on the
-    processor's batch (the tower once per grid instead of once per question)."""
+def test_seven_questions_per_grid_share_one_prefix_pass_and_match_llavas_own_forward():
+    """shared_prefix_forward gives the loss and logits of LlavaForConditionalGeneration's own forward on the
+    processor's batch (the tower and the prefix once per grid instead of once per question), and its
+    gradients reach the projector through the shared prefix cache."""
     from vtprune.evals.mini.grids import QUADRANTS, make_question, related_questions
     from vtprune.evals.mini.models import build_mini_llava_processor
-    from vtprune.evals.mini.train import llava_batch, shared_image_batch
+    from vtprune.evals.mini.train import llava_batch, shared_prefix_forward
 
     shipped = eval_set()
     rng = np.random.default_rng(0)
@@ -255,8 +256,15 @@ def test_seven_questions_per_grid_share_one_tower_pass_and_match_llavas_own_forw
         assert group[6].answer == str(labels.count(counted))
     torch.manual_seed(0)
     model, processor = load("mini-llava", weights="random"), build_mini_llava_processor()
+    rows = [item for group in groups for item in group]
+    loss, logits = shared_prefix_forward(model, processor, shipped.images, groups)
     with torch.no_grad():
-        shared = model(**shared_image_batch(model, processor, shipped.images, groups))
-        own = model(**llava_batch(processor, shipped.images, [item for group in groups for item in group]))
-    assert torch.allclose(shared.logits, own.logits, atol=1e-5)
-    assert shared.loss.item() == pytest.approx(own.loss.item(), rel=1e-5)
+        own = model(**llava_batch(processor, shipped.images, rows))
+    for row, item in enumerate(rows):
+        length = len(f"{item.question} ASSISTANT: {item.answer} </s>".split())
+        assert torch.allclose(logits[row, :length], own.logits[row, -length:], atol=1e-5)
+    assert loss.item() == pytest.approx(own.loss.item(), rel=1e-5)
+    loss.backward()
+    projector = model.model.multi_modal_projector.linear_1.weight
+    assert projector.grad is not None and projector.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.model.vision_tower.parameters())

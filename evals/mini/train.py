@@ -379,39 +379,53 @@ def pretrain_llava_tower(model: torch.nn.Module, train: Any, test: Any, held_out
                lambda: shuffled_batches(len(train), 4 * batch_size, generator), loss_of, evaluate)
 
 
-def shared_image_batch(model: torch.nn.Module, processor: Any, images: np.ndarray,
-                       groups: list[list[Any]]) -> dict[str, torch.Tensor]:
-    """A training batch for several questions per grid (``groups``: lists of :class:`GridQuestion` on the
-    same grid), as ``inputs_embeds``: the frozen tower runs once per grid and the projector's output is
-    repeated for the grid's questions, then placed at the ``<image>`` positions as LLaVA does internally.
-    ``labels`` are on the answer words and ``</s>``."""
-    llava = model.model
+def shared_prefix_forward(model: torch.nn.Module, processor: Any, images: np.ndarray,
+                          groups: list[list[Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and logits for several questions per grid (``groups``: lists of :class:`GridQuestion` on the same
+    grid), computing what the questions share once per grid. mini-llava's prompt
+    ``"USER: <image>\\n{question} ASSISTANT: {answer} </s>"`` opens with the same prefix for every question
+    about a grid (``USER:`` and the 196 image tokens), and the decoder is causal, so the prefix's keys and
+    values do not depend on the question: the frozen tower, the projector and the decoder run once on each
+    grid's prefix, the prefix cache is repeated for the grid's questions, and the decoder runs on the
+    questions alone (right-padded). Returns the mean next-token loss on the answer words and ``</s>``, as
+    LLaVA's own forward computes it, and the logits ``[questions, longest suffix, vocabulary]`` of the
+    question tokens (row ``r``'s first ``len(tokens)`` positions are real)."""
+    llava, tokenizer = model.model, processor.tokenizer
     with torch.no_grad():
         pixels = grid_pixels(images, np.array([group[0].items for group in groups]))
         hidden = projector_input(llava.vision_tower, pixels)
     features = llava.multi_modal_projector(hidden)
+    user = tokenizer("USER:", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    prefix = torch.cat([model.get_input_embeddings()(user).expand(len(groups), -1, -1), features], dim=1)
+    cache = llava.language_model(inputs_embeds=prefix, use_cache=True).past_key_values
+    cache.reorder_cache(torch.arange(len(groups)).repeat_interleave(torch.tensor([len(group) for group in groups])))
     rows = [item for group in groups for item in group]
-    per_row = features.repeat_interleave(torch.tensor([len(group) for group in groups]), dim=0)
-    image = processor.image_token
-    prompts = [f"USER: {image * hidden.shape[1]}\n{item.question} ASSISTANT: {item.answer} </s>" for item in rows]
-    batch = processor.tokenizer(prompts, return_tensors="pt", padding=True)
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    is_image = batch["input_ids"] == model.config.image_token_id
-    embeds = embeds.masked_scatter(is_image[..., None], per_row.reshape(-1, per_row.shape[-1]).to(embeds.dtype))
-    return {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"],
-            "labels": answer_labels(batch["input_ids"], rows)}
+    suffix = tokenizer([f"{item.question} ASSISTANT: {item.answer} </s>" for item in rows], add_special_tokens=False,
+                       padding=True, padding_side="right", return_tensors="pt")
+    ids, mask, length = suffix["input_ids"], suffix["attention_mask"], prefix.shape[1]
+    out = llava.language_model(input_ids=ids, past_key_values=cache,
+                               attention_mask=torch.cat([torch.ones(len(rows), length, dtype=mask.dtype), mask], 1),
+                               position_ids=(length + torch.arange(ids.shape[1])).expand(len(rows), -1))
+    logits = model.lm_head(out.last_hidden_state)
+    targets = torch.full_like(ids, -100)
+    for row, item in enumerate(rows):
+        end = int(mask[row].sum())
+        start = end - len(item.answer.split()) - 1
+        targets[row, start:end] = ids[row, start:end]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1))
+    return loss, logits
 
 
 def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr: float = 1e-3,
                 weight_decay: float = 0.05, warmup_steps: int = 200, grids_per_epoch: int = 6500,
-                tower_epochs: int = 8, tower_batch_size: int = 64,
+                tower_epochs: int = 16, tower_batch_size: int = 64,
                 tower: Path | None = None) -> tuple[torch.nn.Module, dict]:
     """Two stages, as LLaVA's recipe has a pretrained CLIP tower that stays frozen:
     :func:`pretrain_llava_tower` for ``tower_epochs``, then next-token loss on the answers of questions
     about fresh random grids of training images, the tower frozen and the projector and decoder trained.
     Each grid comes with seven questions (:func:`grids.related_questions`: a balanced random question, the
     four position questions and a presence and a count question), all in one batch, so the tower runs once
-    per grid (:func:`shared_image_batch`). AdamW, warm-up then cosine decay. Accuracy: 600 single questions
+    per grid and the decoder once per grid on what the questions share (:func:`shared_prefix_forward`). AdamW, warm-up then cosine decay. Accuracy: 600 single questions
     on grids of the held-out evaluation images, through ``generate``, overall and per kind. ``tower``: a
     mini-llava checkpoint directory whose vision tower replaces stage 1 (``tower_epochs`` is then ignored)."""
     from .grids import make_question, questions, related_questions
@@ -448,7 +462,7 @@ def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr
 
     def loss_of(groups: list) -> torch.Tensor:
         model.model.vision_tower.eval()
-        return model(**shared_image_batch(model, processor, train.images, groups)).loss
+        return shared_prefix_forward(model, processor, train.images, groups)[0]
 
     def evaluate() -> dict[str, float]:
         return {f"eval_{key}": value for key, value in
@@ -465,7 +479,7 @@ def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr
 
 
 TRAINERS = {"vit": ("mini-vit", train_vit), "clip": ("mini-clip", train_clip), "llava": ("mini-llava", train_llava)}
-DEFAULT_EPOCHS = {"vit": 2, "clip": 4, "llava": 3}
+DEFAULT_EPOCHS = {"vit": 2, "clip": 4, "llava": 7}
 
 
 def save(model: torch.nn.Module, name: str, out: Path, record: dict) -> None:
