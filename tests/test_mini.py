@@ -52,6 +52,39 @@ def test_the_shipped_eval_set_is_balanced_and_from_the_test_split():
     assert np.array_equal(drawn, eval_indices(labels)) and np.bincount(labels[drawn]).tolist() == [200] * 10
 
 
+def test_the_ideal_reader_answers_from_quadrant_probabilities():
+    """grids.ideal_answer: certain probabilities give every reference answer; uncertain ones give the
+    likeliest answer (presence: P(none) = 0.7^4 = 0.24 -> yes; count: Binomial(4, 0.3) peaks at 1;
+    at the top right, coat is likeliest at 0.3)."""
+    from vtprune.evals.mini.grids import GridQuestion, ideal_answer, questions
+
+    labels = np.arange(200) % 10
+    asked = questions(labels, 60, seed=3)
+    for question in asked:
+        certain = np.eye(10)[labels[list(question.items)]]
+        assert ideal_answer(certain, question) == question.answer
+    items = (0, 1, 2, 3)
+    rare = np.full((4, 10), 0.9 / 9)
+    rare[:, 4] = 0.1  # P(none) = 0.9^4 = 0.66
+    assert ideal_answer(rare, GridQuestion(items, "is there a coat ?", "no", "presence", 4)) == "no"
+    assert ideal_answer(rare, GridQuestion(items, "how many coat items are there ?", "0", "count", 4)) == "0"
+    unsure = np.full((4, 10), 0.7 / 9)
+    unsure[:, 4] = 0.3
+    assert ideal_answer(unsure, GridQuestion(items, "is there a coat ?", "yes", "presence", 4)) == "yes"
+    assert ideal_answer(unsure, GridQuestion(items, "how many coat items are there ?", "1", "count", 4)) == "1"
+    assert ideal_answer(unsure, GridQuestion(items, "what is at the top right ?", "coat", "position")) == "coat"
+    with pytest.raises(ValueError, match="subject"):
+        ideal_answer(unsure, GridQuestion(items, "how many coat items are there ?", "1", "count"))
+
+
+def test_patch_quadrants_follow_the_raster_order_of_the_grid():
+    from vtprune.evals.mini.train import patch_quadrants
+
+    quadrants = patch_quadrants(14).reshape(14, 14)
+    assert quadrants[:7, :7].eq(0).all() and quadrants[:7, 7:].eq(1).all()
+    assert quadrants[7:, :7].eq(2).all() and quadrants[7:, 7:].eq(3).all()
+
+
 def test_augment_shifts_and_flips_within_bounds():
     generator = torch.Generator().manual_seed(0)
     images = torch.zeros(64, 28, 28, dtype=torch.uint8)
@@ -209,6 +242,7 @@ def test_the_trainers_run_end_to_end_and_save_what_load_reads(tmp_path, monkeypa
     assert 0 <= trained["mini-vit"][1]["before_fine_tuning"]["eval_set_top1"] <= 1
     assert [entry["epoch"] for entry in trained["mini-llava"][1]["tower_history"]] == [1]
     assert 0 <= trained["mini-llava"][1]["tower_history"][0]["eval_item_top1"] <= 1
+    assert 0 <= trained["mini-llava"][1]["tower_history"][0]["eval_ideal_reader"] <= 1
     assert capsys.readouterr().out.count('"epoch"') == 5  # one JSON line per epoch
 
 

@@ -102,3 +102,22 @@ def related_questions(question: GridQuestion, labels_of: np.ndarray, rng: np.ran
     related.append(GridQuestion(question.items, f"how many {CLASS_NAMES[subject]} items are there ?",
                                 COUNT_WORDS[labels.count(subject)], "count", subject))
     return related
+
+
+def ideal_answer(probabilities: np.ndarray, question: GridQuestion) -> str:
+    """The answer that is most likely right given ``probabilities`` ``[4, 10]``, each quadrant's class
+    probabilities (say, a classifier's softmax), taken as independent: the likeliest class at the asked
+    quadrant; ``yes`` when the chance that at least one quadrant holds the subject is over one half; the
+    count with the highest probability under the quadrants' Poisson-binomial distribution. It bounds what a
+    decoder reading features with that classifier's knowledge can answer."""
+    if question.kind == "position":
+        quadrant = next(k for k, name in enumerate(QUADRANTS) if f"the {name} ?" in question.question)
+        return CLASS_NAMES[int(np.argmax(probabilities[quadrant]))]
+    if question.subject is None:
+        raise ValueError(f"a {question.kind} question needs its subject class")
+    counts = np.array([1.0])
+    for chance in probabilities[:, question.subject]:
+        counts = np.concatenate([counts * (1 - chance), [0.0]]) + np.concatenate([[0.0], counts * chance])
+    if question.kind == "presence":
+        return "yes" if counts[0] < 0.5 else "no"
+    return COUNT_WORDS[int(np.argmax(counts))]
