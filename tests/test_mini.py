@@ -77,14 +77,6 @@ def test_the_ideal_reader_answers_from_quadrant_probabilities():
         ideal_answer(unsure, GridQuestion(items, "how many coat items are there ?", "1", "count"))
 
 
-def test_patch_quadrants_follow_the_raster_order_of_the_grid():
-    from vtprune.evals.mini.train import patch_quadrants
-
-    quadrants = patch_quadrants(14).reshape(14, 14)
-    assert quadrants[:7, :7].eq(0).all() and quadrants[:7, 7:].eq(1).all()
-    assert quadrants[7:, :7].eq(2).all() and quadrants[7:, 7:].eq(3).all()
-
-
 def test_augment_shifts_and_flips_within_bounds():
     generator = torch.Generator().manual_seed(0)
     images = torch.zeros(64, 28, 28, dtype=torch.uint8)

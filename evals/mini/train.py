@@ -336,43 +336,30 @@ def projector_input(tower: torch.nn.Module, pixels: torch.Tensor) -> torch.Tenso
     return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
 
 
-def patch_quadrants(side: int) -> torch.Tensor:
-    """``[side * side]``: the quadrant (0 to 3, raster order) of each patch of a ``side`` x ``side`` grid."""
-    half = torch.arange(side) // (side // 2)
-    return (2 * half[:, None] + half[None, :]).reshape(-1)
-
-
-def tower_logits(tower: torch.nn.Module, heads: torch.nn.ModuleDict,
-                 pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stage 1's three readings of :func:`projector_input` (``heads``: ``norm``, ``item`` to 10 classes and
-    ``where`` to 4 quadrants): ``[N, 4, 10]`` the item head on the mean of each quadrant's 7x7 patch tokens,
-    ``[N, 196, 10]`` the item head on each patch token, ``[N, 196, 4]`` the quadrant head on each."""
-    hidden = heads["norm"](projector_input(tower, pixels))
+def quadrant_logits(tower: torch.nn.Module, head: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """``[N, 4, 10]``: ``head`` on the mean of each quadrant's 7x7 patch tokens in :func:`projector_input`."""
+    hidden = projector_input(tower, pixels)
     n, side = hidden.shape[0], int(hidden.shape[1] ** 0.5)
-    means = hidden.reshape(n, 2, side // 2, 2, side // 2, -1).mean(dim=(2, 4)).reshape(n, 4, -1)
-    return heads["item"](means), heads["item"](hidden), heads["where"](hidden)
+    grid = hidden.reshape(n, 2, side // 2, 2, side // 2, -1)
+    return head(grid.mean(dim=(2, 4)).reshape(n, 4, -1))
 
 
 def pretrain_llava_tower(model: torch.nn.Module, train: Any, test: Any, held_out: np.ndarray, evaluation: list,
                          epochs: int, generator: torch.Generator, batch_size: int = 64, lr: float = 1e-3,
                          weight_decay: float = 0.05, warmup_steps: int = 200) -> list[dict]:
-    """Stage 1: mini-llava's CLIP vision tower learns what is where in random grids of training images, so
-    that the features the projector reads already describe the items, as LLaVA's do after CLIP pretraining.
-    The loss (:func:`tower_logits`, heads discarded afterwards) is the sum of three cross-entropies: each
-    quadrant's mean feature -> its item's class; each patch token -> the class of its quadrant's item; each
-    patch token -> its quadrant. The per-patch terms make every token say what it belongs to and where, so
-    a decoder can find a quadrant by content instead of by sequence position. An epoch is
-    ``len(train) // 4`` grids (each training image once). Accuracy: per item (the quadrant means), on grids
-    of the held-out images, and the share of ``evaluation`` (questions on grids of the held-out images)
-    that :func:`grids.ideal_answer` gets right from those probabilities: what a decoder reading this tower
-    could reach."""
+    """Stage 1: mini-llava's CLIP vision tower learns to classify the item in each quadrant of random grids
+    of training images (a linear head on each quadrant's mean feature, discarded afterwards), so that the
+    features the projector reads are already about the items, as LLaVA's are after CLIP pretraining.
+    An epoch is ``len(train) // 4`` grids (each training image once, in random grids). Accuracy: per item, on
+    grids of the held-out images, and the share of ``evaluation`` (questions on grids of the held-out images)
+    that :func:`grids.ideal_answer` gets right from the head's probabilities: what a decoder reading this
+    tower could reach."""
     from .grids import ideal_answer
 
     tower = model.model.vision_tower
-    width = tower.config.hidden_size
-    heads = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(width), "item": torch.nn.Linear(width, 10),
-                                 "where": torch.nn.Linear(width, 4)})
-    both = torch.nn.ModuleDict({"tower": tower, "heads": heads})
+    head = torch.nn.Sequential(torch.nn.LayerNorm(tower.config.hidden_size),
+                               torch.nn.Linear(tower.config.hidden_size, 10))
+    both = torch.nn.ModuleDict({"tower": tower, "head": head})
     steps_per_epoch = len(train) // 4 // batch_size
     no_decay = lambda name, p: p.ndim < 2 or "embedding" in name  # noqa: E731
     optimizer, scheduler = optimizer_and_schedule(both, no_decay, lr, weight_decay, warmup_steps,
@@ -380,22 +367,17 @@ def pretrain_llava_tower(model: torch.nn.Module, train: Any, test: Any, held_out
     labels = torch.as_tensor(train.labels)
     held_grids = np.arange(len(held_out)).reshape(-1, 4)
     held_images, held_labels = test.images[held_out], torch.as_tensor(test.labels[held_out])
-    side = tower.config.image_size // tower.config.patch_size
-    where = patch_quadrants(side)
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         grids = index.reshape(-1, 4)
-        items, patch_items, patch_where = tower_logits(tower, heads, grid_pixels(train.images, grids.numpy()))
-        classes = labels[grids]
-        return (F.cross_entropy(items.reshape(-1, 10), classes.reshape(-1))
-                + F.cross_entropy(patch_items.reshape(-1, 10), classes[:, where].reshape(-1))
-                + F.cross_entropy(patch_where.reshape(-1, 4), where.repeat(len(grids))))
+        logits = quadrant_logits(tower, head, grid_pixels(train.images, grids.numpy()))
+        return F.cross_entropy(logits.reshape(-1, 10), labels[grids].reshape(-1))
 
     def evaluate() -> dict[str, float]:
         tower.eval()
         with torch.inference_mode():
-            predicted = tower_logits(tower, heads, grid_pixels(held_images, held_grids))[0].argmax(-1)
-            asked = tower_logits(tower, heads, grid_pixels(held_images, np.array([q.items for q in evaluation])))[0]
+            predicted = quadrant_logits(tower, head, grid_pixels(held_images, held_grids)).argmax(-1)
+            asked = quadrant_logits(tower, head, grid_pixels(held_images, np.array([q.items for q in evaluation])))
         chances = asked.softmax(-1).numpy()
         ideal = [ideal_answer(p, question) == question.answer for p, question in zip(chances, evaluation)]
         return {"eval_item_top1": float((predicted.reshape(-1) == held_labels[held_grids.reshape(-1)]).float().mean()),
@@ -505,7 +487,7 @@ def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr
 
 
 TRAINERS = {"vit": ("mini-vit", train_vit), "clip": ("mini-clip", train_clip), "llava": ("mini-llava", train_llava)}
-DEFAULT_EPOCHS = {"vit": 2, "clip": 4, "llava": 8}
+DEFAULT_EPOCHS = {"vit": 2, "clip": 4, "llava": 7}
 
 
 def save(model: torch.nn.Module, name: str, out: Path, record: dict) -> None:
