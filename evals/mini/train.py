@@ -296,13 +296,15 @@ def llava_batch(processor, images: np.ndarray, items: list, answers: bool = True
     return dict(batch)
 
 
-def answer_labels(input_ids: torch.Tensor, items: list) -> torch.Tensor:
-    """Next-token targets on each row's answer words and ``</s>`` (the row's last tokens: prompts end with
-    ``" {answer} </s>"`` and are left-padded), ``-100`` elsewhere."""
+def answer_labels(input_ids: torch.Tensor, items: list, ends: list[int] | None = None) -> torch.Tensor:
+    """Next-token targets on each row's answer words and ``</s>``, ``-100`` elsewhere. Prompts end with
+    ``" {answer} </s>"``, so those are the row's last real tokens: the last ones of the row when it is
+    left-padded (``ends=None``), else the ones before ``ends[row]``."""
     labels = torch.full_like(input_ids, -100)
     for row, item in enumerate(items):
-        length = len(item.answer.split()) + 1
-        labels[row, -length:] = input_ids[row, -length:]
+        end = input_ids.shape[1] if ends is None else ends[row]
+        start = end - len(item.answer.split()) - 1
+        labels[row, start:end] = input_ids[row, start:end]
     return labels
 
 
@@ -415,11 +417,7 @@ def shared_prefix_forward(model: torch.nn.Module, processor: Any, images: np.nda
                                attention_mask=torch.cat([torch.ones(len(rows), length, dtype=mask.dtype), mask], 1),
                                position_ids=(length + torch.arange(ids.shape[1])).expand(len(rows), -1))
     logits = model.lm_head(out.last_hidden_state)
-    targets = torch.full_like(ids, -100)
-    for row, item in enumerate(rows):
-        end = int(mask[row].sum())
-        start = end - len(item.answer.split()) - 1
-        targets[row, start:end] = ids[row, start:end]
+    targets = answer_labels(ids, rows, ends=mask.sum(dim=1).tolist())
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1))
     return loss, logits
 
@@ -433,9 +431,10 @@ def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr
     about fresh random grids of training images, the tower frozen and the projector and decoder trained.
     Each grid comes with seven questions (:func:`grids.related_questions`: a balanced random question, the
     four position questions and a presence and a count question), all in one batch, so the tower runs once
-    per grid and the decoder once per grid on what the questions share (:func:`shared_prefix_forward`). AdamW, warm-up then cosine decay. Accuracy: 600 single questions
-    on grids of the held-out evaluation images, through ``generate``, overall and per kind. ``tower``: a
-    mini-llava checkpoint directory whose vision tower replaces stage 1 (``tower_epochs`` is then ignored)."""
+    per grid, and so does the decoder on what the questions share (:func:`shared_prefix_forward`). AdamW,
+    warm-up then cosine decay. Accuracy: 600 single questions on grids of the held-out evaluation images,
+    through ``generate``, overall and per kind. ``tower``: a mini-llava checkpoint directory whose vision
+    tower replaces stage 1 (``tower_epochs`` is then ignored)."""
     from .grids import make_question, questions, related_questions
     from .models import build_mini_llava, build_mini_llava_processor
 
