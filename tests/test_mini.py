@@ -221,7 +221,8 @@ def test_the_trainers_run_end_to_end_and_save_what_load_reads(tmp_path, monkeypa
     trained["mini-vit"] = train_vit(tmp_path, seed=0, epochs=2, batch_size=32, warmup_steps=2,
                                     init=tmp_path / "clip" / "mini-clip.safetensors")
     trained["mini-llava"] = train_llava(tmp_path, seed=0, epochs=1, grids_per_batch=2, warmup_steps=2,
-                                        grids_per_epoch=4, tower_epochs=1, tower_batch_size=4)
+                                        grids_per_epoch=4, tower_epochs=1, tower_batch_size=4,
+                                        tower_augmentation=True, tower_label_smoothing=0.1)
     keys = {"mini-vit": "eval_set_top1", "mini-clip": "eval_set_i2t_r1", "mini-llava": "eval_accuracy"}
     for name, (model, record) in trained.items():
         assert [entry["epoch"] for entry in record["history"]] == list(range(1, len(record["history"]) + 1))
@@ -235,7 +236,40 @@ def test_the_trainers_run_end_to_end_and_save_what_load_reads(tmp_path, monkeypa
     assert [entry["epoch"] for entry in trained["mini-llava"][1]["tower_history"]] == [1]
     assert 0 <= trained["mini-llava"][1]["tower_history"][0]["eval_item_top1"] <= 1
     assert 0 <= trained["mini-llava"][1]["tower_history"][0]["eval_ideal_reader"] <= 1
+    recipe = trained["mini-llava"][1]["recipe"]
+    assert recipe["tower"]["augmentation"] is True and recipe["tower"]["label_smoothing"] == 0.1
+    assert recipe["tower"]["lr"] == 2e-3 and recipe["llava"]["lr"] == 7e-4  # the shipped recipe's defaults
     assert capsys.readouterr().out.count('"epoch"') == 5  # one JSON line per epoch
+
+
+def test_grid_pixels_compose_the_quadrants_and_augment_each_item_within_its_own():
+    from vtprune.evals.mini.grids import compose
+    from vtprune.evals.mini.train import grid_pixels
+
+    shipped = eval_set()
+    grids = np.array([[0, 1, 2, 3], [10, 400, 800, 1999]])
+    plain = grid_pixels(shipped.images, grids)
+    assert plain.shape == (2, 3, 56, 56)
+    assert torch.equal(plain, to_input(np.stack([compose(shipped.images, tuple(row)) for row in grids])))
+    augmented = grid_pixels(shipped.images, grids, torch.Generator().manual_seed(3))
+    items = augment(torch.as_tensor(shipped.images[grids.reshape(-1)]), torch.Generator().manual_seed(3)).numpy()
+    expected = np.stack([compose(items, (4 * n, 4 * n + 1, 4 * n + 2, 4 * n + 3)) for n in range(2)])
+    assert torch.equal(augmented, to_input(expected)) and not torch.equal(augmented, plain)
+
+
+def test_the_training_command_names_what_it_cannot_do(monkeypatch, capsys):
+    from vtprune.evals.mini.train import main
+
+    with pytest.raises(SystemExit):
+        main(["vit", "--device", "cuda"])
+    assert "--device applies to llava only, not vit" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["llava", "--device", "cuda:1"])
+    assert "--device cuda:1: this PyTorch sees no CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["clip", "--tower", "somewhere"])
+    assert "--tower applies to llava only, not clip" in capsys.readouterr().err
 
 
 def test_mini_vit_starts_as_mini_clips_zero_shot_classifier():

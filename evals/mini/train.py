@@ -315,21 +315,25 @@ def llava_accuracy(model, processor, images: np.ndarray, items: list, batch_size
     with torch.inference_mode():
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            batch = llava_batch(processor, images, chunk, answers=False)
+            batch = {key: value.to(model.device) for key, value in
+                     llava_batch(processor, images, chunk, answers=False).items()}
             generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
-            texts = processor.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            texts = processor.batch_decode(generated[:, batch["input_ids"].shape[1]:].cpu(), skip_special_tokens=True)
             for item, text in zip(chunk, texts):
                 right.setdefault(item.kind, []).append(text.strip() == item.answer)
     every = [value for values in right.values() for value in values]
     return {"accuracy": sum(every) / len(every), **{kind: sum(v) / len(v) for kind, v in right.items()}}
 
 
-def grid_pixels(images: np.ndarray, grids: np.ndarray) -> torch.Tensor:
+def grid_pixels(images: np.ndarray, grids: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
     """``[N, 4]`` image indices (quadrants in raster order) -> normalised ``[N, 3, 56, 56]`` grids, as
-    mini-llava's processor makes them (56x56 in, no resize)."""
-    from .grids import compose
-
-    return to_input(np.stack([compose(images, tuple(row)) for row in grids]))
+    mini-llava's processor makes them (56x56 in, no resize). With a ``generator``, each item is first
+    shifted and flipped by :func:`augment`, within its quadrant."""
+    items = torch.as_tensor(images[np.asarray(grids).reshape(-1)])
+    if generator is not None:
+        items = augment(items, generator)
+    n = len(grids)
+    return to_input(items.reshape(n, 2, 2, 28, 28).permute(0, 1, 3, 2, 4).reshape(n, 56, 56))
 
 
 def projector_input(tower: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -348,39 +352,45 @@ def quadrant_logits(tower: torch.nn.Module, head: torch.nn.Module, pixels: torch
 
 def pretrain_llava_tower(model: torch.nn.Module, train: Any, test: Any, held_out: np.ndarray, evaluation: list,
                          epochs: int, generator: torch.Generator, batch_size: int = 64, lr: float = 1e-3,
-                         weight_decay: float = 0.05, warmup_steps: int = 200) -> list[dict]:
+                         weight_decay: float = 0.05, warmup_steps: int = 200, augmentation: bool = False,
+                         label_smoothing: float = 0.0) -> list[dict]:
     """Stage 1: mini-llava's CLIP vision tower learns to classify the item in each quadrant of random grids
     of training images (a linear head on each quadrant's mean feature, discarded afterwards), so that the
     features the projector reads are already about the items, as LLaVA's are after CLIP pretraining.
     An epoch is ``len(train) // 4`` grids (each training image once, in random grids). Accuracy: per item, on
     grids of the held-out images, and the share of ``evaluation`` (questions on grids of the held-out images)
     that :func:`grids.ideal_answer` gets right from the head's probabilities: what a decoder reading this
-    tower could reach."""
+    tower could reach. ``augmentation``: each training item shifted and flipped within its quadrant
+    (:func:`grid_pixels`). Runs on the device of ``model``."""
     from .grids import ideal_answer
 
     tower = model.model.vision_tower
+    device = next(tower.parameters()).device
     head = torch.nn.Sequential(torch.nn.LayerNorm(tower.config.hidden_size),
-                               torch.nn.Linear(tower.config.hidden_size, 10))
+                               torch.nn.Linear(tower.config.hidden_size, 10)).to(device)
     both = torch.nn.ModuleDict({"tower": tower, "head": head})
     steps_per_epoch = len(train) // 4 // batch_size
     no_decay = lambda name, p: p.ndim < 2 or "embedding" in name  # noqa: E731
     optimizer, scheduler = optimizer_and_schedule(both, no_decay, lr, weight_decay, warmup_steps,
                                                   steps_per_epoch * epochs)
-    labels = torch.as_tensor(train.labels)
+    labels = torch.as_tensor(train.labels).to(device)
     held_grids = np.arange(len(held_out)).reshape(-1, 4)
     held_images, held_labels = test.images[held_out], torch.as_tensor(test.labels[held_out])
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         grids = index.reshape(-1, 4)
-        logits = quadrant_logits(tower, head, grid_pixels(train.images, grids.numpy()))
-        return F.cross_entropy(logits.reshape(-1, 10), labels[grids].reshape(-1))
+        pixels = grid_pixels(train.images, grids.numpy(), generator if augmentation else None)
+        logits = quadrant_logits(tower, head, pixels.to(device))
+        return F.cross_entropy(logits.reshape(-1, 10), labels[grids.to(device)].reshape(-1),
+                               label_smoothing=label_smoothing)
 
     def evaluate() -> dict[str, float]:
         tower.eval()
         with torch.inference_mode():
-            predicted = quadrant_logits(tower, head, grid_pixels(held_images, held_grids)).argmax(-1)
-            asked = quadrant_logits(tower, head, grid_pixels(held_images, np.array([q.items for q in evaluation])))
-        chances = asked.softmax(-1).numpy()
+            predicted = quadrant_logits(tower, head, grid_pixels(held_images, held_grids).to(device)).argmax(-1).cpu()
+            asked = quadrant_logits(tower, head,
+                                    grid_pixels(held_images, np.array([q.items for q in evaluation])).to(device))
+        chances = asked.softmax(-1).cpu().numpy()
         ideal = [ideal_answer(p, question) == question.answer for p, question in zip(chances, evaluation)]
         return {"eval_item_top1": float((predicted.reshape(-1) == held_labels[held_grids.reshape(-1)]).float().mean()),
                 "eval_ideal_reader": sum(ideal) / len(ideal)}
@@ -400,32 +410,34 @@ def shared_prefix_forward(model: torch.nn.Module, processor: Any, images: np.nda
     questions alone (right-padded). Returns the mean next-token loss on the answer words and ``</s>``, as
     LLaVA's own forward computes it, and the logits ``[questions, longest suffix, vocabulary]`` of the
     question tokens (row ``r``'s first ``len(tokens)`` positions are real)."""
-    llava, tokenizer = model.model, processor.tokenizer
+    llava, tokenizer, device = model.model, processor.tokenizer, model.device
     with torch.no_grad():
         pixels = grid_pixels(images, np.array([group[0].items for group in groups]))
-        hidden = projector_input(llava.vision_tower, pixels)
+        hidden = projector_input(llava.vision_tower, pixels.to(device))
     features = llava.multi_modal_projector(hidden)
-    user = tokenizer("USER:", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    user = tokenizer("USER:", add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     prefix = torch.cat([model.get_input_embeddings()(user).expand(len(groups), -1, -1), features], dim=1)
     cache = llava.language_model(inputs_embeds=prefix, use_cache=True).past_key_values
-    cache.reorder_cache(torch.arange(len(groups)).repeat_interleave(torch.tensor([len(group) for group in groups])))
+    cache.reorder_cache(torch.arange(len(groups), device=device).repeat_interleave(
+        torch.tensor([len(group) for group in groups], device=device)))
     rows = [item for group in groups for item in group]
     suffix = tokenizer([f"{item.question} ASSISTANT: {item.answer} </s>" for item in rows], add_special_tokens=False,
                        padding=True, padding_side="right", return_tensors="pt")
-    ids, mask, length = suffix["input_ids"], suffix["attention_mask"], prefix.shape[1]
+    ids, mask, length = suffix["input_ids"].to(device), suffix["attention_mask"].to(device), prefix.shape[1]
     out = llava.language_model(input_ids=ids, past_key_values=cache,
-                               attention_mask=torch.cat([torch.ones(len(rows), length, dtype=mask.dtype), mask], 1),
-                               position_ids=(length + torch.arange(ids.shape[1])).expand(len(rows), -1))
+                               attention_mask=torch.cat([mask.new_ones(len(rows), length), mask], 1),
+                               position_ids=(length + torch.arange(ids.shape[1], device=device)).expand(len(rows), -1))
     logits = model.lm_head(out.last_hidden_state)
     targets = answer_labels(ids, rows, ends=mask.sum(dim=1).tolist())
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1))
     return loss, logits
 
 
-def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr: float = 1e-3,
+def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr: float = 7e-4,
                 weight_decay: float = 0.05, warmup_steps: int = 200, grids_per_epoch: int = 6500,
-                tower_epochs: int = 16, tower_batch_size: int = 64,
-                tower: Path | None = None) -> tuple[torch.nn.Module, dict]:
+                tower_epochs: int = 16, tower_batch_size: int = 64, tower_lr: float = 2e-3,
+                tower_augmentation: bool = False, tower_label_smoothing: float = 0.0,
+                tower: Path | None = None, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Two stages, as LLaVA's recipe has a pretrained CLIP tower that stays frozen:
     :func:`pretrain_llava_tower` for ``tower_epochs``, then next-token loss on the answers of questions
     about fresh random grids of training images, the tower frozen and the projector and decoder trained.
@@ -434,7 +446,8 @@ def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr
     per grid, and so does the decoder on what the questions share (:func:`shared_prefix_forward`). AdamW,
     warm-up then cosine decay. Accuracy: 600 single questions on grids of the held-out evaluation images,
     through ``generate``, overall and per kind. ``tower``: a mini-llava checkpoint directory whose vision
-    tower replaces stage 1 (``tower_epochs`` is then ignored)."""
+    tower replaces stage 1 (``tower_epochs`` is then ignored). ``device``: where both stages run (the data
+    pipeline stays on the CPU)."""
     from .grids import make_question, questions, related_questions
     from .models import build_mini_llava, build_mini_llava_processor
 
@@ -446,7 +459,7 @@ def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr
     held_images, held_labels = test.images[held_out], test.labels[held_out]
     evaluation = questions(held_labels, 600, seed=1)
     by_class = [np.flatnonzero(train.labels == label) for label in range(10)]
-    model, processor = build_mini_llava(), build_mini_llava_processor()
+    model, processor = build_mini_llava().to(device), build_mini_llava_processor()
     if tower is not None:
         from transformers import LlavaForConditionalGeneration
 
@@ -455,7 +468,9 @@ def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr
         tower_history, tower_epochs = [], 0
     else:
         tower_history = pretrain_llava_tower(model, train, test, held_out, evaluation, tower_epochs, generator,
-                                             batch_size=tower_batch_size) if tower_epochs else []
+                                             batch_size=tower_batch_size, lr=tower_lr,
+                                             augmentation=tower_augmentation,
+                                             label_smoothing=tower_label_smoothing) if tower_epochs else []
     model.model.vision_tower.requires_grad_(False)
     steps_per_epoch = grids_per_epoch // grids_per_batch
     no_decay = lambda name, p: p.ndim < 2 or "norm" in name or "embedding" in name  # noqa: E731
@@ -476,8 +491,8 @@ def train_llava(data: Path, seed: int, epochs: int, grids_per_batch: int = 6, lr
                 llava_accuracy(model, processor, held_images, evaluation).items()}
 
     history = fit(model, optimizer, scheduler, epochs, batches, loss_of, evaluate, max_grad_norm=1.0)
-    stage_one = {"epochs": tower_epochs, "batch_size": tower_batch_size, "lr": 1e-3, "weight_decay": 0.05,
-                 "warmup_steps": 200}
+    stage_one = {"epochs": tower_epochs, "batch_size": tower_batch_size, "lr": tower_lr, "weight_decay": 0.05,
+                 "warmup_steps": 200, "augmentation": tower_augmentation, "label_smoothing": tower_label_smoothing}
     recipe = {"tower": {"from": str(tower)} if tower is not None else stage_one,
               "llava": {"tower": "frozen", "grids_per_batch": grids_per_batch, "questions_per_grid": 7, "lr": lr,
                         "weight_decay": weight_decay, "warmup_steps": warmup_steps,
@@ -498,7 +513,7 @@ def save(model: torch.nn.Module, name: str, out: Path, record: dict) -> None:
     if hasattr(model, "save_pretrained"):
         from .models import build_mini_llava_processor
 
-        model.to(torch.float16).save_pretrained(out / name)
+        model.to("cpu", torch.float16).save_pretrained(out / name)
         build_mini_llava_processor().save_pretrained(out / name)
         (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
         return
@@ -517,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tower", type=Path, default=None,
                         help="llava only: take the vision tower from this mini-llava checkpoint directory instead of "
                              "training it (stage 1)")
+    parser.add_argument("--device", default="cpu",
+                        help="llava only: where to train (cpu, cuda, cuda:1, ...); the other models train on the CPU")
     parser.add_argument("--init", default=None,
                         help="vit only: the mini-clip weights to fine-tune (default: OUT/mini-clip.safetensors), or "
                              "'scratch' for random initialisation")
@@ -529,14 +546,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--init applies to vit only, not {args.model}")
     if args.tower is not None and args.model != "llava":
         parser.error(f"--tower applies to llava only, not {args.model}")
+    if args.device != "cpu" and args.model != "llava":
+        parser.error(f"--device applies to llava only, not {args.model}; vit and clip train on the CPU")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this PyTorch sees no CUDA device (torch.cuda.is_available() is "
+                     "False); use --device cpu")
     options: dict[str, Any] = {"tower": args.tower} if args.tower is not None else {}
+    if args.model == "llava":
+        options["device"] = args.device
     if args.model == "vit":
         options["init"] = None if args.init == "scratch" else Path(args.init or args.out / "mini-clip.safetensors")
     model, record = trainer(args.data, args.seed, epochs, **options)
     record.update(model=name, seed=args.seed, epochs=epochs, command=" ".join(["python -m vtprune.evals.mini.train",
                                                                                *sys.argv[1:]]),
                   wall_minutes=(time.perf_counter() - started) / 60, torch=torch.__version__,
-                  machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+                  machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+                  + (f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""))
     save(model, name, args.out, record)
     return 0
 
