@@ -329,11 +329,12 @@ def grid_pixels(images: np.ndarray, grids: np.ndarray, generator: torch.Generato
     """``[N, 4]`` image indices (quadrants in raster order) -> normalised ``[N, 3, 56, 56]`` grids, as
     mini-llava's processor makes them (56x56 in, no resize). With a ``generator``, each item is first
     shifted and flipped by :func:`augment`, within its quadrant."""
-    items = torch.as_tensor(images[np.asarray(grids).reshape(-1)])
+    from .grids import compose
+
+    items = images[np.asarray(grids).reshape(-1)]
     if generator is not None:
-        items = augment(items, generator)
-    n = len(grids)
-    return to_input(items.reshape(n, 2, 2, 28, 28).permute(0, 1, 3, 2, 4).reshape(n, 56, 56))
+        items = augment(torch.as_tensor(items), generator).numpy()
+    return to_input(np.stack([compose(items, tuple(range(4 * n, 4 * n + 4))) for n in range(len(grids))]))
 
 
 def projector_input(tower: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
