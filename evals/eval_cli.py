@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not add the random and pooling baselines at each VLM policy's budget")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--full", action="store_true",
-                        help="the vtprune-mini laboratory on all of its evaluation sets (the default run uses "
-                             "subsets); only without --model/--task/--data/--config")
+                        help="the vtprune-mini laboratory on all 600 of mini-llava's questions (the default run "
+                             "asks the first 150); only without --model/--task/--data/--config")
 
 
 def is_lab(args: argparse.Namespace) -> bool:

@@ -31,6 +31,13 @@ def test_idx_files_are_read_plain_or_gzipped_and_bad_ones_are_named(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x08\x00\x00\x01" + bytes(8))
     with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
         read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(b"\x00\x00")
+    with pytest.raises(ValueError, match="short is not an unsigned-byte IDX file"):
+        read_idx(tmp_path / "short")
+    whole = (tmp_path / "t10k-labels-idx1-ubyte").read_bytes()
+    (tmp_path / "cut").write_bytes(whole[:-5])
+    with pytest.raises(ValueError, match=r"cut holds 33 bytes, but its header \(shape \(30,\)\) needs 38"):
+        read_idx(tmp_path / "cut")
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*apt-get install dataset-fashion-mnist"):
         load_split("train", tmp_path)
     with pytest.raises(ValueError, match="accepted: train, test"):
@@ -50,6 +57,7 @@ def test_the_shipped_eval_set_is_balanced_and_from_the_test_split():
     labels = np.arange(10000) % 10
     drawn = eval_indices(labels)
     assert np.array_equal(drawn, eval_indices(labels)) and np.bincount(labels[drawn]).tolist() == [200] * 10
+    assert np.all(np.diff(drawn) > 0) and not np.array_equal(drawn, eval_indices(labels, seed=1))
 
 
 def test_the_ideal_reader_answers_from_quadrant_probabilities():
@@ -165,8 +173,7 @@ def test_mini_clip_reaches_its_zero_shot_accuracy_and_merging_keeps_most_of_it(t
                              policies=("tome:r=8", "tome:r=16", "pitome:ratio=0.9", "pitome:ratio=0.8")),
                   progress=False)
     results = {entry["configuration"]: entry for entry in summary["results"]}
-    assert results["none (unpruned)"]["metrics"]["top1"] >= 0.80  # the issue's figure
-    assert results["none (unpruned)"]["metrics"]["top1"] >= 0.875  # measured 0.8835
+    assert results["none (unpruned)"]["metrics"]["top1"] >= 0.875  # measured 0.8835 (the issue asks for 0.80)
     kept = {label: entry["percent_of_unpruned"]["top1"] for label, entry in results.items()}
     assert kept["tome:r=8"] >= 98 and kept["tome:r=16"] >= 97
     assert kept["pitome:ratio=0.9"] >= 95.5 and kept["pitome:ratio=0.8"] >= 93
@@ -223,19 +230,23 @@ def test_the_trainers_run_end_to_end_and_save_what_load_reads(tmp_path, monkeypa
     trained["mini-llava"] = train_llava(tmp_path, seed=0, epochs=1, grids_per_batch=2, warmup_steps=2,
                                         grids_per_epoch=4, tower_epochs=1, tower_batch_size=4,
                                         tower_augmentation=True, tower_label_smoothing=0.1)
-    keys = {"mini-vit": "eval_set_top1", "mini-clip": "eval_set_i2t_r1", "mini-llava": "eval_accuracy"}
+    # what each accuracy is counted over: the 2 000 held-out images, or 600 questions about grids of them
+    keys = {"mini-vit": ("eval_set_top1", 2000), "mini-clip": ("eval_set_zero_shot_top1", 2000),
+            "mini-llava": ("eval_accuracy", 600)}
     for name, (model, record) in trained.items():
         assert [entry["epoch"] for entry in record["history"]] == list(range(1, len(record["history"]) + 1))
-        assert 0 <= record["history"][-1][keys[name]] <= 1 and record["history"][-1]["train_loss"] > 0
+        key, count = keys[name]
+        assert counted_over(record["history"][-1][key], count) and record["history"][-1]["train_loss"] > 0
         save(model, name, out, record)
         loaded = load(name)
         for key, value in loaded.state_dict().items():
             assert torch.equal(value, model.state_dict()[key].to(torch.float16).float()), (name, key)
     assert len(trained["mini-vit"][1]["history"]) == 2
-    assert 0 <= trained["mini-vit"][1]["before_fine_tuning"]["eval_set_top1"] <= 1
+    assert counted_over(trained["mini-vit"][1]["before_fine_tuning"]["eval_set_top1"], 2000)
     assert [entry["epoch"] for entry in trained["mini-llava"][1]["tower_history"]] == [1]
-    assert 0 <= trained["mini-llava"][1]["tower_history"][0]["eval_item_top1"] <= 1
-    assert 0 <= trained["mini-llava"][1]["tower_history"][0]["eval_ideal_reader"] <= 1
+    assert counted_over(trained["mini-llava"][1]["tower_history"][0]["eval_item_top1"], 2000)
+    assert counted_over(trained["mini-llava"][1]["tower_history"][0]["eval_ideal_reader"], 600)
+    assert set(trained["mini-llava"][1]["history"][0]) >= {"eval_position", "eval_presence", "eval_count"}
     recipe = trained["mini-llava"][1]["recipe"]
     assert recipe["tower"]["augmentation"] is True and recipe["tower"]["label_smoothing"] == 0.1
     assert recipe["tower"]["lr"] == 2e-3 and recipe["llava"]["lr"] == 7e-4  # the shipped recipe's defaults
@@ -257,6 +268,39 @@ def test_grid_pixels_compose_the_quadrants_and_augment_each_item_within_its_own(
     assert torch.equal(augmented, to_input(expected)) and not torch.equal(augmented, plain)
 
 
+def counted_over(share: float, count: int) -> bool:
+    """``share`` is a fraction right out of ``count`` (a float32 mean is within 1e-3 of one)."""
+    return 0 <= share <= 1 and abs(share * count - round(share * count)) < 1e-3
+
+
+def test_the_training_command_records_what_it_ran(tmp_path, monkeypatch):
+    from vtprune.evals.mini import train
+    from vtprune.evals.mini.models import build_mini_vit
+
+    calls = []
+
+    def tiny_trainer(data, seed, epochs, **options):
+        calls.append((data, seed, epochs, options))
+        return build_mini_vit(), {"history": []}
+
+    monkeypatch.setitem(train.TRAINERS, "vit", ("mini-vit", tiny_trainer))
+    argv = ["vit", "--seed", "3", "--epochs", "5", "--data", str(tmp_path), "--out", str(tmp_path), "--init", "scratch"]
+    assert train.main(argv) == 0
+    assert calls == [(tmp_path, 3, 5, {"init": None})]
+    record = json.loads((tmp_path / "mini-vit.json").read_text())
+    assert record["command"] == "python -m vtprune.evals.mini.train " + " ".join(argv)
+    assert record["seed"] == 3 and record["epochs"] == 5 and (tmp_path / "mini-vit.safetensors").exists()
+
+
+def test_an_epoch_without_batches_is_an_error():
+    from vtprune.evals.mini.train import fit, optimizer_and_schedule
+
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = optimizer_and_schedule(model, lambda name, p: False, 1e-3, 0.0, 1, 2)
+    with pytest.raises(ValueError, match="an epoch yielded no batch"):
+        fit(model, optimizer, scheduler, 1, lambda: iter(()), lambda batch: model(batch).sum(), dict)
+
+
 def test_the_training_command_names_what_it_cannot_do(monkeypatch, capsys):
     from vtprune.evals.mini.train import main
 
@@ -270,6 +314,10 @@ def test_the_training_command_names_what_it_cannot_do(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["clip", "--tower", "somewhere"])
     assert "--tower applies to llava only, not clip" in capsys.readouterr().err
+    for epochs in ("0", "-2"):
+        with pytest.raises(SystemExit):
+            main(["vit", "--epochs", epochs])
+        assert f"--epochs must be at least 1, not {epochs}" in capsys.readouterr().err
 
 
 def test_mini_vit_starts_as_mini_clips_zero_shot_classifier():

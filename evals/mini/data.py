@@ -8,6 +8,7 @@ puts the four IDX files in :data:`DEFAULT_ROOT`; elsewhere give the directory th
 from __future__ import annotations
 
 import gzip
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +40,15 @@ def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as stream:
         data = stream.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()}; expected 000008xx)")
     ndim = data[3]
+    header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    if len(data) != header + math.prod(shape):
+        raise ValueError(f"{path} holds {len(data)} bytes, but its header (shape {shape}) needs "
+                         f"{header + math.prod(shape)}: the file is truncated or damaged")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
 def load_split(split: str, root: Path | str = DEFAULT_ROOT) -> Split:

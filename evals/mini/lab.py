@@ -11,8 +11,8 @@ directory per model and task, and one combined report (``report.md``, ``lab.json
   RandomKeep, Pool2d) and inside the 4-layer language model (FastV, PDrop, TransPrune). Pool2d runs at 49
   only, the one budget among them whose square tiles the 14 x 14 patch grid.
 
-The default run is sized to finish within minutes on a 2-core CPU (a subset of each evaluation set;
-``--full`` runs all of it).
+The default run is sized to finish within minutes on a 2-core CPU: mini-vit and mini-clip run all 2 000
+images, mini-llava the first 150 of its 600 questions (``--full`` runs all 600).
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ LLAVA_POLICIES = (
 
 
 def suite(full: bool = False) -> tuple[LabRun, ...]:
-    """The laboratory's runs: the default (subsets sized for minutes on 2 CPU cores) or ``full``."""
+    """The laboratory's runs: the default (mini-llava on its first 150 questions, sized for minutes on 2 CPU
+    cores) or ``full`` (all 600); mini-vit and mini-clip run all 2 000 images in both."""
     return (LabRun("mini:vit", "classification", TOWER_POLICIES, "top1", None, 250),
             LabRun("mini:clip", "zeroshot", TOWER_POLICIES, "top1", None, 250),
             LabRun("mini:llava", "vqa", LLAVA_POLICIES, "exact", None if full else 150, 50))
@@ -126,8 +127,9 @@ def format_lab_report(record: dict[str, Any]) -> str:
     question kind)."""
     lines = ["# vtprune eval: the vtprune-mini laboratory", "", f"> {record['note']}", ""]
     if not record["full"]:
-        lines += ["Default run: a subset of each evaluation set (the number of samples is in each table); "
-                  "`vtprune eval --full` runs all of it.", ""]
+        lines += ["Default run: mini-llava answers the first 150 of its 600 questions (mini-vit and mini-clip run "
+                  "all their images; the number of samples is in each table); `vtprune eval --full` runs all "
+                  "600.", ""]
     for lab_run in record["runs"]:
         summary, metric = lab_run["summary"], lab_run["metric"]
         environment = summary["environment"]

@@ -4,8 +4,9 @@ describe, and the captions themselves.
 Captions name the class and, for retrieval, two attributes read off the pixels: how bright the item is
 (``dark`` / ``mid-toned`` / ``pale``: the mean of its pixels above :data:`INK`, split at the training split's
 tertiles) and how much of the frame it covers (``small`` / ``mid-sized`` / ``large``: its share of pixels
-above :data:`INK`, split the same way). Ninety (class, brightness, size) combinations, each with its own
-caption, make a retrieval gallery where every caption has exactly one right image.
+above :data:`INK`, split the same way). The (class, brightness, size) combinations present in a set of images
+(at most ninety; 78 in the shipped evaluation set), each with its own captions, make a retrieval gallery
+where every caption has exactly one right image.
 """
 from __future__ import annotations
 

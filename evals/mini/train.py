@@ -1,9 +1,10 @@
 """Train a vtprune-mini model: ``python -m vtprune.evals.mini.train {vit,clip,llava} [--data DIR] [--seed 0]``.
 
-Seeded and CPU-friendly (2 cores). Writes ``<name>.safetensors`` (float16) and ``<name>.json`` (the command,
-seed, epochs, wall time, machine, per-epoch test accuracy) to ``--out`` (default: the package's
-``assets/``, where :func:`vtprune.evals.mini.models.load` reads them). Accuracy is measured on the whole
-Fashion-MNIST test split (10 000 images) and on the shipped evaluation set (2 000 of them).
+Seeded and CPU-friendly (2 cores). Writes ``<name>.safetensors`` (float16; mini-llava: a checkpoint directory
+``<name>/``) and ``<name>.json`` (the command, seed, epochs, wall time, machine, per-epoch accuracy) to ``--out``
+(default: the package's ``assets/``, where :func:`vtprune.evals.mini.models.load` reads them). mini-vit and
+mini-clip are measured on the whole Fashion-MNIST test split (10 000 images) and on the shipped evaluation set
+(2 000 of them); mini-llava on the shipped 2 000 (its tower, per item) and on 600 questions about grids of them.
 """
 from __future__ import annotations
 
@@ -102,6 +103,9 @@ def fit(model: torch.nn.Module, optimizer: Any, scheduler: Any, epochs: int, bat
             if after_step is not None:
                 after_step()
             losses.append(loss.item())
+        if not losses:
+            raise ValueError("an epoch yielded no batch: the training set (or grids_per_epoch) is smaller than one "
+                             "batch; use a smaller batch size or more data")
         record = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), **evaluate(),
                   "minutes": (time.perf_counter() - started) / 60}
         history.append(record)
@@ -133,7 +137,7 @@ def train_vit(data: Path, seed: int, epochs: int, batch_size: int = 64, lr: floa
     head starting as the zero-shot classifier; cross-entropy, AdamW, linear warm-up then cosine decay,
     optional label smoothing and shift + flip augmentation (off). From scratch, a 6-block tower underfitted
     within the CPU hour (84.8 % test top-1 after 5 epochs with batch 128, smoothing 0.1 and augmentation;
-    82.6 % after 3 with this function's other defaults at lr 1e-3)."""
+    82.6 % after 3 with batch 64, lr 1e-3 and 500 warm-up steps)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train, test = load_split("train", data), load_split("test", data)
@@ -352,13 +356,14 @@ def quadrant_logits(tower: torch.nn.Module, head: torch.nn.Module, pixels: torch
 
 
 def pretrain_llava_tower(model: torch.nn.Module, train: Any, test: Any, held_out: np.ndarray, evaluation: list,
-                         epochs: int, generator: torch.Generator, batch_size: int = 64, lr: float = 1e-3,
+                         epochs: int, generator: torch.Generator, batch_size: int = 64, lr: float = 2e-3,
                          weight_decay: float = 0.05, warmup_steps: int = 200, augmentation: bool = False,
                          label_smoothing: float = 0.0) -> list[dict]:
     """Stage 1: mini-llava's CLIP vision tower learns to classify the item in each quadrant of random grids
     of training images (a linear head on each quadrant's mean feature, discarded afterwards), so that the
     features the projector reads are already about the items, as LLaVA's are after CLIP pretraining.
-    An epoch is ``len(train) // 4`` grids (each training image once, in random grids). Accuracy: per item, on
+    An epoch is ``len(train) // 4 // batch_size`` batches of ``batch_size`` random grids (each training image
+    at most once). Accuracy: per item, on
     grids of the held-out images, and the share of ``evaluation`` (questions on grids of the held-out images)
     that :func:`grids.ideal_answer` gets right from the head's probabilities: what a decoder reading this
     tower could reach. ``augmentation``: each training item shifted and flipped within its quadrant
@@ -528,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", choices=sorted(TRAINERS))
     parser.add_argument("--data", type=Path, default=DEFAULT_ROOT, help="directory of the Fashion-MNIST IDX files")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"default: {', '.join(f'{model} {count}' for model, count in DEFAULT_EPOCHS.items())}")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--tower", type=Path, default=None,
                         help="llava only: take the vision tower from this mini-llava checkpoint directory instead of "
@@ -541,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     name, trainer = TRAINERS[args.model]
-    epochs = args.epochs or DEFAULT_EPOCHS[args.model]
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, not {args.epochs}")
+    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.model]
     started = time.perf_counter()
     if args.init is not None and args.model != "vit":
         parser.error(f"--init applies to vit only, not {args.model}")
@@ -559,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         options["init"] = None if args.init == "scratch" else Path(args.init or args.out / "mini-clip.safetensors")
     model, record = trainer(args.data, args.seed, epochs, **options)
     record.update(model=name, seed=args.seed, epochs=epochs, command=" ".join(["python -m vtprune.evals.mini.train",
-                                                                               *sys.argv[1:]]),
+                                                                               *(sys.argv[1:] if argv is None else argv)]),
                   wall_minutes=(time.perf_counter() - started) / 60, torch=torch.__version__,
                   machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
                   + (f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""))
