@@ -1,8 +1,9 @@
-"""Adapter for Hugging Face ``transformers`` LLaVA-1.5 (``LlavaForConditionalGeneration``).
+"""Adapter for Hugging Face ``transformers`` LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT.
 
 Found structurally per instance: ``model.model`` has ``vision_tower`` (a CLIP/SigLIP vision model, as the
 ``hf-clip-vision`` adapter matches), ``multi_modal_projector``, ``language_model`` and
-``get_image_features``; a LLaVA-NeXT model (``image_newline`` / ``pack_image_features``) is not this family.
+``get_image_features``. LLaVA-NeXT (``LlavaNextForConditionalGeneration``) matches too and is recognised by its
+``pack_image_features``: each crop is reduced on its own and the reduced crops are packed (docs/llava.md).
 
 Sites:
 

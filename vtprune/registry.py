@@ -35,7 +35,8 @@ def make_policy(policy: Policy | str | dict[str, Any], **kwargs: Any) -> Policy:
     """Build one policy from a policy object, a registered name (+ ``kwargs``), a spec string or a dict.
 
     ``make_policy("tome", r=16)``, ``make_policy("tome:r=16")`` and ``make_policy(ToMe(r=16))`` are equal.
-    Keyword arguments are only accepted with a name or spec (they override the spec's values).
+    Keyword arguments are accepted with a name, a spec or a dict (they override its values), not with a policy
+    object.
     """
     if isinstance(policy, Policy):
         if kwargs:

@@ -79,7 +79,7 @@ def pitome_token_schedule(num_tokens: int, num_layers: int, ratio: float, num_pr
     Each layer merges ``floor(T - T * ratio)`` of its ``T`` unprotected tokens (this exact rounding,
     :func:`vtprune.matching.pitome_removed_count`), clamped to ``T // 2`` (vtprune's fix of the official
     code's crash below ratio 0.5), between attention and MLP. DeiT (197 tokens, 12 layers) at 0.9:
-    197 -> 177 -> ... -> 60. Layers where ``counts_all(layer)`` instead merge ``floor(N - N * ratio)`` of
+    197 -> 178 -> ... -> 60. Layers where ``counts_all(layer)`` instead merge ``floor(N - N * ratio)`` of
     all ``N`` tokens, protected ones included in the count (the official LLaVA ``clip_hf`` patch's plain
     bipartite layers); ``post``: the merge comes after the MLP, so a layer's attention and MLP both see
     the tokens entering it.

@@ -100,9 +100,10 @@ class FlowCut(Policy):
         return min(self.target(anyres), num_patches) + (0 if drop_prefix else num_prefix)
 
     def image_budget(self) -> int:
-        """``keep`` tokens per LLaVA-NeXT image: the official second cut (to ``keep``, in decoder layer 1, by
-        the last prompt token) needs the ``llm`` site; until then vtprune makes it on the packed stage-1
-        tokens with the encoder's cumulative scores."""
+        """``keep`` tokens per LLaVA-NeXT image when FlowCut runs alone: vtprune then cuts the packed stage-1
+        tokens to ``keep`` by the encoder's cumulative scores. The official second cut (to ``keep``, after
+        decoder layer 1, by the last prompt token) is :class:`FlowCutLLM` at the ``llm`` site; composed with
+        it, the adapter leaves the per-image cut to it."""
         return self.keep
 
     def target(self, anyres: bool) -> int:
