@@ -126,8 +126,9 @@ def _cache_bytes(cache: Any) -> int:
 
 
 def hf_llava(decode_steps: int = 8) -> Family:
-    """The unpruned HF ``LlavaForConditionalGeneration`` family: phases "prefill" (time to first token:
-    one forward of the prompt with the image, ``use_cache=True``, logits of the last position only) and
+    """The HF ``LlavaForConditionalGeneration`` family (unpruned, or patched by the policy being measured):
+    phases "prefill" (time to first token: one forward of the prompt with the image, ``use_cache=True``,
+    logits of the last position only) and
     "decode per token" (``decode_steps`` greedy single-token steps on the prefill's cache, which is made
     by an untimed setup; the time is divided by ``decode_steps``). Inputs: ``{"input_ids", "pixel_values"}``
     (``input_ids`` holds the image token ids). Tokens: the visual tokens entering each LLM layer (for a

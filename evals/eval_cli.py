@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--weights", choices=("pretrained", "random"), default=None,
-                        help="random: build the model with random weights (smoke tests, no download)")
+                        help="random: build the model with random weights (smoke tests; no weight download, though hf: models "
+                             "still read their config and processor)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-baselines", dest="baselines", action="store_false", default=None,
                         help="do not add the random and pooling baselines at each VLM policy's budget")

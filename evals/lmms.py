@@ -163,7 +163,8 @@ class VtpruneLlava(lmms):
 
     def generate_until(self, requests: list[Any]) -> list[GenerationResult]:
         """Greedy (or sampled, when a task sets ``temperature > 0``) generation, cut at the task's ``until``
-        strings; requests with identical generation settings and image counts are batched."""
+        strings; requests with identical generation settings are batched in chunks of ``batch_size`` (a chunk
+        whose requests differ in image count runs one request at a time)."""
         results: list[GenerationResult | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):

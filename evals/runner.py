@@ -184,10 +184,8 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         samples = samples[:config.limit]
     specs = [spec for spec in config.policies if spec.strip().lower() not in ("none", "unpruned")]
     rank, world, barrier = _processes()
-    if world > 1 and config.device == "cuda":  # one GPU per process
-        import os
-
-        config = dataclasses.replace(config, device=f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+    saved = config.resolved()  # as asked: the same in every process, so that each resumes the shared run
+    config = dataclasses.replace(config, device=process_device(config.device, rank, world))
     model = load_model(config.model, config.weights, config.device, dtype, config.seed,
                        getattr(task, "hf_auto", "AutoModelForImageTextToText"))
     if config.baselines:
@@ -198,7 +196,7 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
              enumerate((label, sample) for label in labels for sample in samples)}
     samples = samples[rank::world]
     rows_name = "results.jsonl" if world == 1 else f"results.rank{rank}.jsonl"
-    directory = RunDirectory(config.out, config.resolved(), rows_name=rows_name, write_config=rank == 0)
+    directory = RunDirectory(config.out, saved, rows_name=rows_name, write_config=rank == 0)
     task.prepare(model, data, config.model)
     target = task.target(model)
     traces: dict[str, Any] = {}
@@ -265,11 +263,22 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                         order)
     directory.rows = [row for row in merged if (row["configuration"], row["sample"]) in order]  # this run's samples
     summary = summarise(config, task, target, directory, labels, traces, timings, configured)
+    summary["config"] = saved
     summary["processes"] = world
     write_outputs(directory.path, summary, task)
     if world > 1:
         barrier()
     return summary
+
+
+def process_device(device: str, rank: int, world: int) -> str:
+    """The device one process of ``world`` runs on: ``"cuda"`` with several processes is one GPU per process,
+    ``cuda:<LOCAL_RANK>`` (``cuda:<rank>`` without that variable); any other device is used as given."""
+    import os
+
+    if world > 1 and device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    return device
 
 
 def _processes() -> tuple[int, int, Callable[[], None]]:

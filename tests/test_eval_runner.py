@@ -169,6 +169,19 @@ def test_two_processes_give_the_single_process_results(data, tmp_path):
         assert a.get("kl", 0.0) == pytest.approx(b.get("kl", 0.0), abs=1e-6)
 
 
+def test_each_process_takes_its_own_gpu_but_all_save_the_device_asked(monkeypatch):
+    """`--device cuda` under torchrun / accelerate: process i runs on cuda:<LOCAL_RANK>, while config.json (which
+    every process checks to resume the shared run) keeps "cuda"."""
+    from vtprune.evals.runner import process_device
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert [process_device("cuda", rank, 2) for rank in (0, 1)] == ["cuda:0", "cuda:1"]
+    monkeypatch.setenv("LOCAL_RANK", "3")  # the fourth GPU of a second node
+    assert process_device("cuda", 7, 8) == "cuda:3"
+    assert process_device("cuda", 0, 1) == "cuda" and process_device("cuda:2", 1, 2) == "cuda:2"
+    assert process_device("cpu", 1, 2) == "cpu"
+
+
 def test_clip_zero_shot_on_open_clip(data, tmp_path):
     import open_clip
 

@@ -466,3 +466,35 @@ def test_visual_tokens_overrides_the_nominal_count():
     assert real.by_site["llm"] < nominal.by_site["llm"]
     with pytest.raises(ValueError, match="contradicts"):
         flops.estimate("llava-1.5-7b", visual_tokens=100, schedule="576x32")
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_flowcut_overhead_is_its_relay_products_at_the_layers_that_prune(kind):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2, image_size=64,
+                patch_size=8)
+    config = CLIPVisionConfig(**dims) if kind == "clip" else SiglipVisionConfig(**dims)
+    model = (CLIPVisionModel if kind == "clip" else SiglipVisionModel)(config).eval()
+    policy = vtprune.FlowCut(keep=5)
+    with vtprune.applied(model, policy) as handle, torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, 64, 64))
+    full = flops.estimate(config, schedule=handle.trace, policy=policy, convention="full")
+    layers = [layer for layer in full.layers if layer.site == "vision"]
+    pruning = [layer for layer in layers if layer.tokens_out < layer.tokens_in]
+    assert pruning and all(layer.overhead == 0 for layer in layers if layer not in pruning)
+    # CLS relay: q_cls K^T and v_cls V^T; SigLIP (no CLS): the mean query's q K^T; FLOPs = 2 x MACs
+    products = 2 if kind == "clip" else 1
+    assert [layer.overhead for layer in pruning] == [2 * products * layer.tokens_in * 32 for layer in pruning]
+    paper = flops.estimate(config, schedule=handle.trace, policy=policy)
+    assert sum(layer.overhead for layer in paper.layers) == 0  # the paper convention leaves the policy's work out
+
+
+def test_pitome_overhead_follows_the_matching_each_layer_runs():
+    """The clip_hf preset runs ToMe's bipartite matching in layers 0-12 and PiToMe's energy after."""
+    policy = vtprune.PiToMe.preset("clip_hf", ratio=0.9)
+    layers = {layer.layer: layer for layer in flops.estimate("llava-1.5-7b", policy=policy, convention="full").layers
+              if layer.site == "vision"}
+    first, later = layers[0], layers[14]
+    assert first.tokens_in == 577 and first.overhead == 2 * 289 * 288 * 1024  # ceil(N/2) floor(N/2) d, in FLOPs
+    assert later.overhead == 2 * (later.tokens_in - 1) ** 2 * 1024  # (N - CLS)^2 d

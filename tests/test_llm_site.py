@@ -45,6 +45,13 @@ def test_per_layer_visual_token_schedules(llava, policy, schedule):
     assert flops.estimate("llava-1.5-7b", policy=policy).total == paper
 
 
+def test_fastv_keeps_the_exact_floor_of_n_times_one_minus_r():
+    # 2880 * (1 - 0.9) is 287.99999999999994 in floating point; (1 - R) x N is 288
+    assert vtprune.FastV(r=0.9).token_schedule(2880, 3)[-1] == (288, 288)
+    assert vtprune.FastV(r=0.875).kept(196) == 24 and vtprune.FastV(r=0.7).kept(10) == 3
+    assert vtprune.FastV(r=0.0).kept(576) == 576 and vtprune.FastV(r=0.999).kept(576) == 0
+
+
 @pytest.mark.parametrize("policy", [vtprune.FastV(r=0.5), vtprune.PDrop(), vtprune.TransPrune()], ids=str)
 def test_batch_with_left_padding_equals_each_sample_alone(llava, policy):
     ids, mask = batch(ROWS)

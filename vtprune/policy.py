@@ -74,10 +74,12 @@ class Policy:
         per-token score (``LayerView.memory["score"]``). ``None`` (the default): no such budget."""
         return None
 
-    def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int]) -> int:
+    def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int], *, layer: int | None = None,
+                      num_layers: int | None = None) -> int:
         """Multiply-accumulates of the matrix products the policy itself computes at one layer that
         reduces ``num_tokens`` tokens (similarity matrices, scores); ``dims`` maps a signal name
-        (``"keys"``, ``"hidden"``) to its width. Element-wise work (norms, sorting, gathers) is not
+        (``"keys"``, ``"hidden"``) to its width; ``layer`` of ``num_layers`` (when known) is for policies
+        whose matching differs from layer to layer. Element-wise work (norms, sorting, gathers) is not
         counted, as in the layers' own count. Default: 0.
         """
         return 0

@@ -60,7 +60,8 @@ def estimate(config: Any, *, schedule: Any = None, policy: Any = None, conventio
             mlp_tokens = attn_tokens if conv.mlp_tokens == "in" else mlp_out
             overhead = 0
             if conv.overhead and vision_policy is not None and _reduces(sched["vision"], index):
-                overhead = vision_policy.matching_macs(attn_tokens, tower.num_prefix_tokens, dims)
+                overhead = vision_policy.matching_macs(attn_tokens, tower.num_prefix_tokens, dims, layer=index,
+                                                       num_layers=len(sched["vision"]))
             layer = LayerCost("vision", index, attn_tokens, mlp_out,
                               views * factor * blocks.projection_macs(attn_tokens, attn_tokens),
                               views * factor * blocks.attention_macs(attn_tokens, attn_tokens),
@@ -110,7 +111,7 @@ def estimate(config: Any, *, schedule: Any = None, policy: Any = None, conventio
                 mlp_tokens = attn_tokens if conv.mlp_tokens == "in" else mlp_visual + prompt
                 overhead = 0
                 if conv.overhead and llm_policy is not None and _reduces(sched["llm"], index):
-                    overhead = llm_policy.matching_macs(attn_visual, 0, dims)
+                    overhead = llm_policy.matching_macs(attn_visual, 0, dims, layer=index, num_layers=len(sched["llm"]))
                 layer = LayerCost("llm", index, attn_tokens, mlp_visual + prompt,
                                   factor * llm.projection_macs(attn_tokens, attn_tokens),
                                   factor * llm.attention_macs(attn_tokens, attn_tokens, conv.causal_halving),

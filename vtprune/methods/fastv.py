@@ -4,6 +4,8 @@ CVPR 2025): visual tokens dropped between decoder layers of the language model, 
 token's attention."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -45,9 +47,14 @@ class FastV(Policy):
         object.__setattr__(self, "r", check_float("r", self.r, low=0.0, high=1.0, high_open=True, policy="fastv"))
         check_choice("position_mode", self.position_mode, POSITION_MODES, policy="fastv")
 
+    def kept(self, num_tokens: int) -> int:
+        """``floor(N·(1 - r))`` visual tokens kept (FastV's ``(1 - R) × N``), exact where ``N·(1 - r)`` is a whole
+        number that binary floating point misses (2880 at ``r=0.9``: 288, not 287)."""
+        return math.floor(round(num_tokens * (1 - self.r), 9))
+
     def token_schedule(self, num_tokens: int, num_layers: int, num_protected: int = 0) -> list[tuple[int, int]]:
-        """Visual tokens per decoder layer: ``N`` in layers ``0..k-1``, ``floor(N·(1 - r))`` after."""
-        kept = int(num_tokens * (1 - self.r))
+        """Visual tokens per decoder layer: ``N`` in layers ``0..k-1``, :meth:`kept` after."""
+        kept = self.kept(num_tokens)
         return [(num_tokens, num_tokens) if layer < self.k else (kept, kept) for layer in range(num_layers)]
 
     def reduce(self, view: LayerView) -> MergePlan | None:
@@ -55,7 +62,7 @@ class FastV(Policy):
             return None
         tokens = view.signal("tokens")
         rows = query_rows(view.signal("attention"), tokens.last[:, None], tokens.attended)[:, 0]
-        kept = int(tokens.num_visual_original * (1 - self.r))
+        kept = self.kept(tokens.num_visual_original)
         return keep_visual(tokens, visual_scores(rows, tokens).topk(kept, dim=-1).indices, view.num_tokens)
 
 

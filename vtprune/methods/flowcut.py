@@ -95,6 +95,14 @@ class FlowCut(Policy):
         object.__setattr__(self, "history",
                            check_float("history", self.history, low=0.0, high=1.0, high_open=True, policy="flowcut"))
 
+    def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int], *, layer: int | None = None,
+                      num_layers: int | None = None) -> int:
+        """The relay's products over all ``N`` tokens, every head together: ``q_cls·Kᵀ`` and ``v_cls·Vᵀ``
+        (``2 · N · d_hidden``) with a CLS relay, ``q̄·Kᵀ`` (``N · d_hidden``) without one (:func:`relay_scores`).
+        FlowCut scores every layer until the final cut; the analytic count books this at the layers that
+        prune."""
+        return (2 if num_protected else 1) * num_tokens * dims["hidden"]
+
     def handed_on(self, num_patches: int, num_prefix: int, drop_prefix: bool, anyres: bool = False) -> int:
         """:meth:`target` patches (the prefix is kept inside the tower and dropped by the host if it drops it)."""
         return min(self.target(anyres), num_patches) + (0 if drop_prefix else num_prefix)

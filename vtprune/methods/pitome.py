@@ -103,9 +103,14 @@ class PiToMe(Policy):
     def _uses_tome(self, layer: int, num_layers: int) -> bool:
         return self.bsm == "tome" and pitome_uses_bsm(layer, num_layers, self.bsm_layers)
 
-    def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int]) -> int:
-        """The energy's cosine-similarity matrix over the ``T`` unprotected tokens: ``T² · d_metric``
-        (the BSM variant reuses it for its scores)."""
+    def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int], *, layer: int | None = None,
+                      num_layers: int | None = None) -> int:
+        """The energy's cosine-similarity matrix over the ``T`` unprotected tokens: ``T² · d_metric`` (the BSM
+        variant reuses it for its scores). In a layer that runs ToMe's matching instead (``bsm="tome"``, the
+        ``clip_hf`` preset's layers 0-12; known only when ``layer`` and ``num_layers`` are given), ToMe's score
+        matrix over all ``N`` tokens: ``ceil(N/2) · floor(N/2) · d_metric``."""
+        if layer is not None and num_layers is not None and self._uses_tome(layer, num_layers):
+            return ((num_tokens + 1) // 2) * (num_tokens // 2) * dims[self.metric]
         unprotected = num_tokens - num_protected
         return unprotected * unprotected * dims[self.metric]
 

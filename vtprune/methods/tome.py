@@ -77,7 +77,8 @@ class ToMe(Policy):
         """Attention and MLP token counts per layer: ``r_l`` capped at ``(N_l - num_protected) // 2``."""
         return tome_token_schedule(num_tokens, self.schedule(num_layers), num_protected)
 
-    def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int]) -> int:
+    def matching_macs(self, num_tokens: int, num_protected: int, dims: dict[str, int], *, layer: int | None = None,
+                      num_layers: int | None = None) -> int:
         """The score matrix ``A @ Bᵀ`` of bipartite matching: ``ceil(N/2) · floor(N/2) · d_keys``
         (protected tokens are in it, masked afterwards)."""
         return ((num_tokens + 1) // 2) * (num_tokens // 2) * dims["keys"]
