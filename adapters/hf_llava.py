@@ -67,9 +67,20 @@ def _is_anyres(inner: nn.Module) -> bool:
 _PARTS = ("vision_tower", "multi_modal_projector", "language_model")
 
 
-def _old_layout(model: nn.Module) -> bool:
-    """transformers < 4.52 kept the parts on the generation model itself (no ``model.model``)."""
+def _parts_on_itself(model: nn.Module) -> bool:
     return _parts(model) is None and all(hasattr(model, name) for name in _PARTS)
+
+
+def _old_layout(model: nn.Module) -> bool:
+    """transformers < 4.52 kept the parts on the generation model itself (no ``model.model``), its language
+    model a ``*ForCausalLM`` with the LM head."""
+    return _parts_on_itself(model) and hasattr(model.language_model, "lm_head")
+
+
+def _inner_model(model: nn.Module) -> bool:
+    """transformers 5's inner ``LlavaModel`` / ``LlavaNextModel`` (``generation_model.model``): the parts on
+    itself, a language model without the LM head."""
+    return _parts_on_itself(model) and not hasattr(model.language_model, "lm_head")
 
 
 def _transformers_version() -> str:
@@ -88,9 +99,14 @@ class HFLlavaAdapter:
     signals = ("keys", "qkv", "hidden", "attention", "next_attention", "transitions", "tokens")
 
     def matches(self, model: nn.Module) -> bool:
-        return _parts(model) is not None or (_old_layout(model) and hasattr(model, "config"))
+        return _parts(model) is not None or (_parts_on_itself(model) and hasattr(model, "config"))
 
     def _check(self, model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int]:
+        if _inner_model(model):
+            raise TypeError(f"{type(model).__name__} is the inner model of a LLaVA generation model; apply vtprune to "
+                            "the generation model that holds it (LlavaForConditionalGeneration or "
+                            "LlavaNextForConditionalGeneration, whose .model this is), so that generate() and the "
+                            "language model's layers are patched together")
         if _old_layout(model):
             raise TypeError(f"{type(model).__name__} keeps vision_tower / multi_modal_projector / language_model on "
                             "itself, the layout of transformers < 4.52; vtprune's LLaVA adapter supports the layout "

@@ -48,7 +48,10 @@ def test_remove_restores_exactly(policy, images64):
         assert torch.equal(model.forward_features(images64), pristine.forward_features(images64))
     assert not torch.equal(merged, pristine(images64))
     assert vtprune.handle_of(model) is None
-    handle.remove()  # idempotent
+    assert handle.remove() is model  # a second remove changes nothing
+    assert_same_snapshot(before, snapshot(model))
+    with torch.no_grad():
+        assert torch.equal(model(images64), pristine(images64))
 
 
 def test_vtprune_remove_by_model(images64):
@@ -58,7 +61,12 @@ def test_vtprune_remove_by_model(images64):
     assert vtprune.remove(model) is model
     with torch.no_grad():
         assert torch.equal(model(images64), pristine(images64))
-    assert vtprune.remove(model) is model  # not patched: no-op
+    before = snapshot(model)
+    assert vtprune.remove(model) is model  # not patched: changes nothing
+    assert_same_snapshot(before, snapshot(model))
+    assert vtprune.handle_of(model) is None
+    with torch.no_grad():
+        assert torch.equal(model(images64), pristine(images64))
 
 
 def test_apply_accepts_object_name_spec_dict_and_list():
@@ -200,7 +208,8 @@ def test_deepcopy_of_a_patched_model_is_unpatched_and_pickle_is_refused(images64
         pickle.dumps(model)
     handle.remove()
     clone_handle.remove()
-    assert pickle.loads(pickle.dumps(model)) is not None
+    with torch.no_grad():
+        assert torch.equal(pickle.loads(pickle.dumps(model))(images64), model(images64))
 
 
 def test_concurrent_calls_in_threads_keep_their_own_state():

@@ -44,6 +44,7 @@ def test_siglip_head():
     with torch.no_grad(), vtprune.applied(model, vtprune.ToMe(r=3)) as handle:
         out = model(pixel_values=pixels)
         size = handle.size
+    assert out.last_hidden_state.shape[1] == 7 and float(size.max()) > 1  # 16 -> 13 -> 10 -> 7, merged
     head = model.vision_model.head if hasattr(model, "vision_model") else model.head
     for b in range(2):
         expanded = expand_by_size(out.last_hidden_state[b], size[b])[None]

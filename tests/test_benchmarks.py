@@ -1,7 +1,7 @@
 """vtprune prepare: each benchmark's upstream files (written here in their exact formats, tiny) into the task
 JSONL, then the runner on the result; the metrics that follow the papers' conventions, by hand."""
 import json
-from types import SimpleNamespace
+import math
 
 import numpy as np
 import pytest
@@ -223,6 +223,8 @@ def scienceqa_files(root):
 
 
 def test_scienceqa_keeps_llavas_prompt(tmp_path):
+    from vtprune.evals.mini.models import build_mini_llava_processor
+
     questions, problems, llava = scienceqa_files(tmp_path)
     items = benchmarks.scienceqa(questions, problems)
     assert [(item["question_id"], item["answers"], item["category"]) for item in items] == [
@@ -232,7 +234,8 @@ def test_scienceqa_keeps_llavas_prompt(tmp_path):
     assert items[2]["choices"] == ["See you soon,\nJanet", "See You Soon,\nJanet"]
     # the vqa task's prompt is LLaVA's: its human text (image token first) plus --single-pred-prompt's line
     task = VQATask()
-    processor = SimpleNamespace(chat_template=None)
+    processor = build_mini_llava_processor()  # a real LlavaProcessor with no chat template, as LLaVA-1.5's
+    assert processor.chat_template is None
     for item, entry in zip(items, llava):
         question = Question(item["question"], tuple(item["answers"]), tuple(item["choices"]), item["category"])
         prompt = task._prompt(processor, question, "image" in item)
@@ -333,10 +336,11 @@ def test_pope_f1_is_the_mean_of_the_split_f1s():
     scores = pope_scores(rows("adversarial", adversarial) + rows("random", random))
     assert scores["pope_f1_adversarial"] == pytest.approx(0.5) and scores["pope_f1_random"] == pytest.approx(0.8)
     assert scores["pope_f1"] == pytest.approx(0.65)  # popular absent: the mean of the two present
-    assert scores["pope_f1_popular"] != scores["pope_f1_popular"]
+    assert math.isnan(scores["pope_f1_popular"])
     pooled = yes_no_scores(adversarial + random)["f1"]
     assert pooled == pytest.approx(2 * (3 / 5) * (3 / 4) / (3 / 5 + 3 / 4)) and pooled != scores["pope_f1"]
-    assert pope_scores([{"category": "existence"}])["pope_f1"] != pope_scores([])["pope_f1"]  # nan without splits
+    assert math.isnan(pope_scores([{"category": "existence"}])["pope_f1"])  # no POPE split: nan
+    assert math.isnan(pope_scores([])["pope_f1"])
 
 
 def test_answers_are_read_as_the_official_scripts_read_them():

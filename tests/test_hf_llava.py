@@ -121,9 +121,15 @@ def test_generate_returns_the_original_prompt_then_new_tokens(policy):
     model = build_tiny_llava()
     ids, mask = batch([prompt([1, 2, 3], 16, [4, 5]), prompt([6], 16, [7, 8, 9, 10])])
     pixels = images(2)
-    with vtprune.applied(model, policy):
+    with vtprune.applied(model, policy) as handle:
         out = greedy(model, input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        alone = [greedy(model, input_ids=ids[row:row + 1, mask[row].argmax():], pixel_values=pixels[row:row + 1])
+                 for row in range(2)]
     assert torch.equal(out[:, :ids.shape[1]], ids) and out.shape[1] == ids.shape[1] + 5
+    kept = kept_features(model, policy, pixels).shape[1]
+    assert kept < 16 and handle.trace.visual_tokens == (kept,)  # the last call: one image
+    for row in range(2):  # a left-padded batch answers as each prompt alone
+        assert torch.equal(out[row, ids.shape[1]:], alone[row][0, -5:])
 
 
 def kept_features(model, policy, pixels):
@@ -170,6 +176,16 @@ def test_batch_with_left_padding_equals_each_sample_alone(policy):
         for i, row in enumerate(rows):
             alone = greedy(model, input_ids=torch.tensor([row]), pixel_values=pixels[i:i + 1])
             assert torch.equal(together[i, -5:], alone[0, -5:])
+
+
+def test_random_keep_keeps_the_same_positions_in_every_image():
+    model = build_tiny_llava()
+    policy = vtprune.RandomKeep(keep=5, seed=3)
+    ids, mask = batch([prompt([1, 2], 16, [3]), prompt([4], 16, [5, 6])])
+    with torch.no_grad(), vtprune.applied(model, policy) as handle:
+        model(input_ids=ids, attention_mask=mask, pixel_values=images(2, seed=4))
+    expected = tuple(policy.positions(16).tolist())
+    assert handle.trace.positions == (expected, expected) and len(expected) == 5
 
 
 def test_labels_are_shortened_with_the_prompt():
@@ -366,17 +382,22 @@ def test_pitome_clip_hf_hands_the_documented_token_counts_to_the_llm(llava336, r
 
 
 def test_the_attribute_layout_of_older_transformers_is_refused_clearly():
-    """transformers < 4.52 kept the parts on the generation model; a module with that layout (built here
-    from the real parts) is refused with the version it needs."""
+    """transformers < 4.52 kept the parts on the generation model, with a LlamaForCausalLM as its language
+    model. That class is not in the installed transformers, so the layout is assembled here from real
+    transformers parts, and is refused with the version it needs."""
+    from transformers import LlamaForCausalLM
+
     source = build_tiny_llava()
-
-    class OldLayoutLlava(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = source.config
-            self.vision_tower = source.model.vision_tower
-            self.multi_modal_projector = source.model.multi_modal_projector
-            self.language_model = source.model.language_model
-
+    old = torch.nn.Module()
+    old.config, old.vision_tower = source.config, source.model.vision_tower
+    old.multi_modal_projector = source.model.multi_modal_projector
+    old.language_model = LlamaForCausalLM(source.config.text_config)
     with pytest.raises(TypeError, match="layout of transformers < 4.52.*transformers>=5"):
-        vtprune.apply(OldLayoutLlava(), vtprune.RandomKeep(keep=4))
+        vtprune.apply(old, vtprune.RandomKeep(keep=4))
+
+
+def test_the_inner_llava_model_is_refused_with_what_to_apply_to_instead():
+    model = build_tiny_llava()
+    with pytest.raises(TypeError, match="LlavaModel is the inner model.*apply vtprune to the generation model"):
+        vtprune.apply(model.model, vtprune.RandomKeep(keep=4))
+    assert vtprune.handle_of(model.model) is None

@@ -29,14 +29,19 @@ def prompts(model, pixels):
     return batch([[1, 2, 3] + [IMAGE] * lengths[0] + [4, 5], [6] + [IMAGE] * lengths[1] + [7, 8, 9, 10]])
 
 
-def expected_packing(model, pixels, keep_positions):
+def expected_packing(model, pixels, keep_positions, pool: int = 1):
     """What the LLM should get when ``keep_positions[c]`` (sorted patch positions) are kept in crop ``c``:
     the host's own packing of a feature that carries each token's identity decides the tile order and the
     unpadding; the base crop comes first, no newline tokens."""
     inner = model.model
     with torch.no_grad():
         tower = inner.vision_tower(pixel_values=torch.cat([pixels[0, :3], pixels[1, :3]]), output_hidden_states=True)
-        projected = inner.multi_modal_projector(tower.hidden_states[-2][:, 1:])  # [6 crops, 16, D]
+        hidden = tower.hidden_states[-2][:, 1:]  # [6 crops, 16 patches, D]
+        if pool > 1:  # Pool2d: each pool x pool window's mean, at the window's first cell
+            grid = hidden.view(6, 4, 4, -1).permute(0, 3, 1, 2)
+            means = torch.nn.functional.avg_pool2d(grid, pool)
+            hidden = torch.nn.functional.interpolate(means, scale_factor=pool).permute(0, 2, 3, 1).reshape(6, 16, -1)
+        projected = inner.multi_modal_projector(hidden)
     ids = torch.arange(6 * 16, dtype=torch.float64).view(6, 16, 1)
     order, _ = inner.pack_image_features(list(ids.split(3)), SIZES, "default", image_newline=None)
     expected = []
@@ -56,10 +61,12 @@ def test_reduced_crops_are_packed_in_raster_order_over_the_unpadded_grid(model, 
         packed = model.model.get_image_features(pixel_values=pixels, image_sizes=SIZES).pooler_output
     positions = handle.trace.positions
     assert len(positions) == 6  # one row per crop: base, tile, tile for each image
-    expected = expected_packing(model, pixels, positions) if policy.name == "randomkeep" else None
-    if expected is not None:
-        for got, want in zip(packed, expected):
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    if policy.name == "pool2d":  # 2 x 2 windows of the 4 x 4 grid, each at its first cell
+        assert positions == ((0, 2, 8, 10),) * 6
+    expected = expected_packing(model, pixels, positions, pool=2 if policy.name == "pool2d" else 1)
+    assert [item.shape for item in packed] == [item.shape for item in expected]
+    for got, want in zip(packed, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     lengths = [item.shape[0] for item in packed]
     assert lengths[0] < 3 * len(positions[0]) and lengths[0] >= len(positions[0])  # unpadding dropped some
 
