@@ -233,3 +233,20 @@ def test_concurrent_calls_in_threads_keep_their_own_state():
             thread.join()
     for index in range(4):
         torch.testing.assert_close(results[index], expected[index], atol=1e-12, rtol=0)
+
+
+def test_a_dropped_patched_model_is_freed(images64):
+    """vtprune keeps no global reference to what it patched: a model dropped while patched is collected."""
+    import gc
+    import weakref
+
+    model = small_vit()
+    vtprune.apply(model, vtprune.ToMe(r=2))
+    with torch.no_grad():
+        model(images64)
+    clone = copy.deepcopy(model)
+    assert vtprune.handle_of(clone) is None and vtprune.handle_of(model) is not None
+    references = weakref.ref(model), weakref.ref(clone)
+    del model, clone
+    gc.collect()
+    assert [reference() for reference in references] == [None, None]

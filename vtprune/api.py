@@ -1,7 +1,6 @@
 """The public API: apply a policy to a model instance, inspect it, read its trace, remove it."""
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -14,7 +13,33 @@ from .registry import make_policies
 from .state import Runtime
 from .trace import Trace
 
-_HANDLES: "weakref.WeakKeyDictionary[nn.Module, Handle]" = weakref.WeakKeyDictionary()
+_HANDLE_ATTRIBUTE = "_vtprune_handle"
+
+
+class _Attached:
+    """Holds a patched model's :class:`Handle` on the model instance itself (not in a global registry, which
+    would keep every patched model alive: the handle refers to the model). A deepcopy of the model gets an
+    empty holder, as the copy is unpatched."""
+
+    def __init__(self, handle: "Handle | None") -> None:
+        self.handle = handle
+
+    def __deepcopy__(self, memo: dict) -> "_Attached":
+        return _Attached(None)
+
+
+def _handle(model: nn.Module) -> "Handle | None":
+    attached = vars(model).get(_HANDLE_ATTRIBUTE) if hasattr(model, "__dict__") else None
+    return attached.handle if isinstance(attached, _Attached) else None
+
+
+def _attach(model: nn.Module, handle: "Handle") -> None:
+    object.__setattr__(model, _HANDLE_ATTRIBUTE, _Attached(handle))
+
+
+def _detach(model: nn.Module, handle: "Handle") -> None:
+    if _handle(model) is handle:
+        object.__delattr__(model, _HANDLE_ATTRIBUTE)
 
 
 class AlreadyPatchedError(RuntimeError):
@@ -62,8 +87,7 @@ class Handle:
         if not self.removed:
             self._patch.undo()
             self.removed = True
-            if _HANDLES.get(self.model) is self:
-                del _HANDLES[self.model]
+            _detach(self.model, self)
         return self.model
 
     def __enter__(self) -> "Handle":
@@ -84,7 +108,7 @@ def apply(model: nn.Module, policy_or_policies: Any, *, replace: bool = False, *
     removes the previous policies first.
     """
     policies = make_policies(policy_or_policies, **kwargs)
-    previous = _HANDLES.get(model)
+    previous = _handle(model)
     if previous is not None:
         if not replace:
             raise AlreadyPatchedError(
@@ -101,7 +125,7 @@ def apply(model: nn.Module, policy_or_policies: Any, *, replace: bool = False, *
     runtime = Runtime(by_site)
     patch = adapter.patch(model, runtime)
     handle = Handle(model=model, policies=tuple(policies), adapter=adapter, _runtime=runtime, _patch=patch)
-    _HANDLES[model] = handle
+    _attach(model, handle)
     return handle
 
 
@@ -130,7 +154,7 @@ def _policies_by_site(policies: list[Policy], adapter: Any) -> dict[str, Policy]
 
 def remove(model: nn.Module) -> nn.Module:
     """Remove vtprune's patches from ``model`` (no-op if it is not patched); returns the model."""
-    handle = _HANDLES.get(model)
+    handle = _handle(model)
     if handle is not None:
         handle.remove()
     return model
@@ -149,7 +173,7 @@ def applied(model: nn.Module, policy_or_policies: Any, **kwargs: Any) -> Iterato
 
 def handle_of(model: nn.Module) -> Handle | None:
     """The active :class:`Handle` of a patched model, else ``None``."""
-    return _HANDLES.get(model)
+    return _handle(model)
 
 
 def last_trace(model: nn.Module) -> Trace | None:
@@ -157,7 +181,7 @@ def last_trace(model: nn.Module) -> Trace | None:
 
     Raises :class:`ValueError` if the model is not patched by vtprune.
     """
-    handle = _HANDLES.get(model)
+    handle = _handle(model)
     if handle is None:
         raise ValueError(f"this {type(model).__name__} is not patched by vtprune; call vtprune.apply first")
     return handle.trace
