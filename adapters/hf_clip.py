@@ -38,7 +38,7 @@ from vtprune.view import QKV
 from .base import Inspection
 from .patching import Patch, forward_of
 from .reduction_point import (CapturedOutput, log_size_bias, reduce_at, refuse_gradient_checkpointing,
-                              size_aware_mha_pool)
+                              refuse_unsupported_attention, size_aware_mha_pool)
 
 _LAYER_CLASSES = ("CLIPEncoderLayer", "SiglipEncoderLayer")
 _LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
@@ -115,6 +115,9 @@ class HFVisionAdapter:
     def patch(self, model: nn.Module, runtime: Runtime) -> Patch:
         layers = self._check(model)
         policy = runtime.policies["vision"]
+        if policy.proportional_attention():
+            refuse_unsupported_attention(model.config, f"{type(model).__name__}",
+                                         f"{policy}'s proportional attention (log(size) added to the keys)")
         roles = ("cls",) if _has_cls(model) else ()
         patch = Patch()
         try:

@@ -48,7 +48,7 @@ from .hf_clip import AttentionTaps, _has_cls, _is_vision_tower, attention_signal
 from .hf_llm import LLMSite
 from .llava_prompt import check_feature_layer, expand_tagged, language_forward, tag_image_features
 from .patching import Patch, forward_of
-from .reduction_point import reduce_at, refuse_gradient_checkpointing
+from .reduction_point import reduce_at, refuse_gradient_checkpointing, refuse_unsupported_attention
 
 
 def _parts(model: nn.Module) -> nn.Module | None:
@@ -149,6 +149,9 @@ class HFLlavaAdapter:
         inner, layers, depth = self._check(model)
         vision, projector = runtime.policies.get("vision"), runtime.policies.get("projector")
         tower = inner.vision_tower
+        if vision is not None and vision.proportional_attention():
+            refuse_unsupported_attention(tower.config, "the vision tower",
+                                         f"{vision}'s proportional attention (log(size) added to the keys)")
         roles = ("cls",) if _has_cls(tower) else ()
         grid = (tower.config.image_size // tower.config.patch_size,) * 2
         patch = Patch()

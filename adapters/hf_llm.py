@@ -32,7 +32,7 @@ from vtprune.state import Runtime, TokenState
 from vtprune.view import QKV, LayerView
 
 from .patching import Patch, forward_of
-from .reduction_point import CapturedOutput
+from .reduction_point import CapturedOutput, refuse_unsupported_attention
 from .sequence import CacheLayouts, gather_columns
 
 
@@ -104,6 +104,8 @@ class LLMSite:
     def __init__(self, language_model: nn.Module, runtime: Runtime, policy: Policy, position_mode: str):
         if position_mode not in POSITION_MODES:
             raise ValueError(f"position_mode must be one of {POSITION_MODES}, got {position_mode!r}")
+        refuse_unsupported_attention(getattr(language_model, "config", None), "the language model",
+                                     f"the llm site ({policy}: its attention mask cut to the kept tokens)")
         layers = getattr(language_model, "layers", None)
         if not isinstance(layers, nn.ModuleList) or not len(layers):
             raise ValueError(f"{type(language_model).__name__} has no decoder `layers`; the llm site supports "

@@ -81,21 +81,39 @@ class CapturedOutput:
 def refuse_gradient_checkpointing(model: nn.Module) -> Callable[[], None]:
     """A ``Runtime.entry(before=...)`` check: gradient checkpointing re-runs layers during backward,
     after the call's token state is gone, so the recomputed layers would not merge like the forward did.
-    Raises a clear error instead of torch's ``CheckpointError``."""
+    Raises a clear error instead of torch's ``CheckpointError`` whenever gradients are recorded and a layer
+    stack would checkpoint: timm and open_clip checkpoint in eval mode too (``grad_checkpointing``),
+    transformers only in training mode (``gradient_checkpointing`` and ``module.training``)."""
 
     def check() -> None:
-        if not (model.training and torch.is_grad_enabled()):
+        if not torch.is_grad_enabled():
             return
         for module in model.modules():
             if getattr(module, "grad_checkpointing", False) is True or \
-                    getattr(module, "gradient_checkpointing", False) is True:
+                    (getattr(module, "gradient_checkpointing", False) is True and module.training):
                 raise ValueError(
-                    "vtprune: gradient checkpointing is on in training mode; recomputed layers would not merge "
-                    "like the forward did. Turn it off (timm/open_clip: model.set_grad_checkpointing(False); "
-                    "transformers: model.activation_checkpointing_disable() or gradient_checkpointing_disable()) "
-                    "or run in eval mode / no_grad")
+                    "vtprune: gradient checkpointing is on while gradients are recorded; recomputed layers would "
+                    "not merge like the forward did. Turn it off (timm/open_clip: model.set_grad_checkpointing("
+                    "False), which they apply in eval mode too; transformers: model.activation_checkpointing_"
+                    "disable() or gradient_checkpointing_disable()) or run under torch.no_grad() / "
+                    "torch.inference_mode()")
 
     return check
+
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+def refuse_unsupported_attention(config: object, part: str, why: str) -> None:
+    """Refuse a transformers model whose attention kernel cannot take what vtprune hands it (an additive
+    float mask over the kept tokens): anything but ``eager`` and ``sdpa`` (FlashAttention reads a mask as
+    0/1 padding, flex attention wants a BlockMask)."""
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"vtprune: {part} uses attn_implementation={implementation!r}, but {why} needs one of "
+            f"{', '.join(map(repr, SUPPORTED_ATTENTION))}; load the model with attn_implementation='sdpa' "
+            "(or call model.set_attn_implementation('sdpa'))")
 
 
 def refuse_placement(policy: Policy | None, adapter: str, offered: tuple[str, ...] = ("mid",)) -> None:

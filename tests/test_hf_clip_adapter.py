@@ -285,3 +285,15 @@ def test_gradient_checkpointing_in_training_is_refused_clearly():
     with vtprune.applied(model, ToMe(r=2)):
         with pytest.raises(ValueError, match="activation_checkpointing_disable"):
             model(pixel_values=seeded_images(2, 32))
+
+
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
+def test_attention_kernels_that_cannot_take_the_size_bias_are_refused(implementation):
+    """FlashAttention reads a float mask as 0/1 padding and flex attention wants a BlockMask, so ToMe's
+    proportional attention (an additive log(size) mask) is refused on them at apply, naming what works."""
+    model = tiny_tower("clip")
+    model.config._attn_implementation = implementation  # as from_pretrained(..., attn_implementation=...) sets it
+    with pytest.raises(ValueError, match=f"attn_implementation='{implementation}'.*'eager', 'sdpa'.*set_attn_impl"):
+        vtprune.apply(model, ToMe(r=2))
+    assert vtprune.handle_of(model) is None
+    vtprune.apply(model, ToMe(r=2, prop_attn=False)).remove()  # no mask to pass: accepted

@@ -211,3 +211,14 @@ def test_mistral_and_qwen2_decoders(text_model):
         for i, row in enumerate(ROWS):
             alone = generate(model, torch.tensor([row]), None, pixels[i:i + 1], steps=10)
             assert torch.equal(together[i, -10:], alone[0, -10:])
+
+
+def test_the_llm_site_refuses_attention_kernels_that_cannot_take_its_mask():
+    from conftest import build_tiny_llava
+
+    model = build_tiny_llava()
+    model.config.text_config._attn_implementation = "flash_attention_2"  # the language model's own config
+    with pytest.raises(ValueError, match="language model uses attn_implementation='flash_attention_2'.*'sdpa'"):
+        vtprune.apply(model, vtprune.FastV(k=1, r=0.5))
+    assert vtprune.handle_of(model) is None
+    vtprune.apply(model, vtprune.RandomKeep(keep=4)).remove()  # the projector site passes no mask: accepted

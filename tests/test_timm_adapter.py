@@ -325,6 +325,19 @@ def test_gradient_checkpointing_in_training_is_refused_clearly():
         model(x).square().sum().backward()
 
 
+def test_gradient_checkpointing_in_eval_mode_is_refused_too():
+    """timm checkpoints its blocks whenever grad_checkpointing is set, in eval mode too (saliency maps and
+    attacks take gradients of eval-mode models)."""
+    model = small_vit().eval()
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    with vtprune.applied(model, ToMe(r=2)):
+        with pytest.raises(ValueError, match="gradient checkpointing is on while gradients are recorded"):
+            model(x)
+        with torch.no_grad():
+            assert model(x).shape == (2, 10)
+
+
 @pytest.mark.parametrize("policy, minimum", [(ToMe(r=2), 0.9), (PiToMe(ratio=0.8), 0.5)], ids=str)
 def test_bfloat16_matching_runs_in_float32(policy, minimum):
     """Scores are computed in float32 for half-precision models, so most bf16 merge decisions equal the
