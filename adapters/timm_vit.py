@@ -65,8 +65,14 @@ class TimmViTAdapter:
         return vit is not None and isinstance(model, vit)
 
     def _check(self, model: nn.Module) -> None:
-        from timm.layers import Attention
+        from timm.layers import Attention, AttentionPoolLatent
 
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None and not isinstance(pool, AttentionPoolLatent):
+            raise ValueError(
+                f"this ViT pools with {type(pool).__name__} (global_pool={getattr(model, 'global_pool', None)!r}), "
+                "which cannot weigh merged tokens by their size; the timm-vit adapter supports global_pool "
+                "'token', 'avg', 'avgmax', 'max', 'map' and ''")
         for index, block in enumerate(model.blocks):
             if hasattr(block, "attn") and not isinstance(block.attn, Attention):
                 raise ValueError(

@@ -352,3 +352,11 @@ def test_bfloat16_matching_runs_in_float32(policy, minimum):
         model16(x.bfloat16())
         agreement = (handle.assignment == reference).all(1).float().mean().item()
     assert agreement >= minimum
+
+
+def test_a_pool_that_cannot_weigh_merged_tokens_is_refused():
+    """timm's 'prr' pool (parameter-free self-attention, then token or mean) has no way to take token sizes."""
+    model = small_vit(global_pool="prr")
+    with pytest.raises(ValueError, match="AttentionPoolPrr \\(global_pool='prr'\\).*'token', 'avg', 'avgmax', 'max', 'map'"):
+        vtprune.apply(model, ToMe(r=2))
+    assert vtprune.handle_of(model) is None
