@@ -235,6 +235,43 @@ def test_concurrent_calls_in_threads_keep_their_own_state():
         torch.testing.assert_close(results[index], expected[index], atol=1e-12, rtol=0)
 
 
+def test_forward_head_after_forward_features_in_interleaved_threads():
+    """Each thread's forward_head pools its own forward_features output size-weighted, whatever another
+    thread ran in between."""
+    import threading
+
+    model = small_vit(dtype=torch.float64, global_pool="avg")
+    generator = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(2, 3, 64, 64, generator=generator, dtype=torch.float64) for _ in range(2)]
+    both_have_features, results, errors = threading.Barrier(2), {}, []
+    with vtprune.applied(model, vtprune.ToMe(r=2)), torch.no_grad():
+        expected = [model(x) for x in inputs]
+
+        def work(index):
+            try:
+                if index == 1:
+                    both_have_features.wait()  # thread 0's features first, then thread 1's
+                features = model.forward_features(inputs[index])
+                if index == 0:
+                    both_have_features.wait()
+                    first_done.wait()
+                else:
+                    first_done.set()
+                results[index] = model.forward_head(features)
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        first_done = threading.Event()
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+    for index in range(2):
+        torch.testing.assert_close(results[index], expected[index], atol=1e-12, rtol=0)
+
+
 def test_a_dropped_patched_model_is_freed(images64):
     """vtprune keeps no global reference to what it patched: a model dropped while patched is collected."""
     import gc

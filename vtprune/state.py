@@ -90,15 +90,14 @@ class Runtime:
     """Per-handle bookkeeping shared by an adapter's patched functions.
 
     Holds the policies by site, the thread-local active state, the last finished state (for
-    ``Handle.trace`` / ``Handle.source``) and the sizes of the last ``forward_features`` output (so a
-    later ``forward_head`` can pool size-weighted).
+    ``Handle.trace`` / ``Handle.source``) and, per thread, the sizes of the last ``forward_features``
+    output (so a later ``forward_head`` in the same thread can pool size-weighted).
     """
 
     def __init__(self, policies: dict[str, Policy]):
         self.policies = policies
         self._local = threading.local()
         self.last_state: TokenState | None = None
-        self._features: tuple[weakref.ref, TokenState] | None = None
 
     # --- the active state ----------------------------------------------------------------------
     def active(self) -> TokenState | None:
@@ -141,14 +140,14 @@ class Runtime:
         elif isinstance(output, dict):
             output = output.get("image_features")
         if isinstance(output, torch.Tensor) and output.dim() == 3 and state.size is not None:
-            self._features = (weakref.ref(output), state)
+            self._local.features = (weakref.ref(output), state)
 
     def sizes_for(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Sizes ``[B, N, 1]`` of a token tensor that is about to be pooled.
 
         Inside an entry point: the active call's sizes. Outside (``forward_head`` after
-        ``forward_features``): the sizes of the tensor the last entry point returned, if ``tokens`` is
-        that very tensor. ``None`` when the tokens were never merged. Raises :class:`ValueError` for
+        ``forward_features``): the sizes of the tensor the last entry point in this thread returned, if
+        ``tokens`` is that very tensor. ``None`` when the tokens were never merged. Raises :class:`ValueError` for
         merged tokens that are not that tensor (their sizes are unknown; pool with ``handle.size``).
         """
         state = self.active()
@@ -156,9 +155,10 @@ class Runtime:
             if state.size is not None and state.size.shape[:2] == tokens.shape[:2]:
                 return state.size
             return None
-        if self._features is None:
+        features = getattr(self._local, "features", None)
+        if features is None:
             return None
-        ref, remembered = self._features
+        ref, remembered = features
         if ref() is tokens:
             return remembered.size
         if tokens.shape[1] < remembered.num_original:
