@@ -186,17 +186,20 @@ def attention_signal(name: str, taken: dict[str, torch.Tensor], attn: nn.Module)
 def encoder_layer_forward(layer: nn.Module, index: int, runtime: Runtime, *, policy: Policy | None, num_layers: int,
                           roles: tuple[str, ...], taps: AttentionTaps | None,
                           on_output: Callable[[TokenState, torch.Tensor, dict], None] | None = None,
-                          anyres: bool = False, last_layer: int | None = None):
+                          anyres: bool = False, last_layer: int | None = None, proportional: bool | None = None):
     """A CLIP/SigLIP encoder layer's forward with a reduction point between attention and MLP (or after the
     MLP for a policy whose ``reduction_placement()`` is ``"post"``).
 
     ``policy`` (``None``: no reduction in this layer) is asked with ``num_layers`` (the tower's depth) and
     ``last_layer`` (the last layer whose output is used, LLaVA's feature layer; default the last). ``taps`` captures the projections the signals need; ``on_output(state, output, taken)`` sees
     the layer's output and captured projections (LLaVA's feature layer). ``anyres``: the sequences are
-    crops of LLaVA-NeXT images (:attr:`~vtprune.view.LayerView.anyres`).
+    crops of LLaVA-NeXT images (:attr:`~vtprune.view.LayerView.anyres`). ``proportional``: whether attention
+    adds ``log(size)`` to its keys (default: ``policy``'s choice); a layer that does not reduce still needs it
+    after earlier layers merged (LLaVA's feature layer when a projector policy reads its attention).
     """
     original = forward_of(layer)
-    proportional = policy is not None and policy.proportional_attention()
+    if proportional is None:
+        proportional = policy is not None and policy.proportional_attention()
     post = policy is not None and policy.reduction_placement() == "post"
 
     def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args: Any,

@@ -172,7 +172,8 @@ class HFLlavaAdapter:
                 patch.override(layer, "forward", encoder_layer_forward(
                     layer, index, runtime, policy=vision if reduces else None, num_layers=len(layers), roles=roles,
                     taps=taps, on_output=_remember_feature_layer(layer) if feature_layer else None,
-                    anyres=_is_anyres(inner), last_layer=vision_last))
+                    anyres=_is_anyres(inner), last_layer=vision_last,
+                    proportional=vision is not None and vision.proportional_attention()))
             patch.override(inner.multi_modal_projector, "forward", _projector_forward(
                 inner.multi_modal_projector, runtime, policy=projector, roles=roles, grid=grid,
                 anyres=_is_anyres(inner)))

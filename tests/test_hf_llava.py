@@ -256,6 +256,27 @@ def test_remove_restores_the_model_exactly():
                            pristine(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits)
 
 
+def test_the_feature_layer_keeps_proportional_attention_when_a_projector_policy_reads_it():
+    """With ToMe and VisionZip, ToMe stops merging one layer before LLaVA's feature layer (VisionZip reads
+    that layer's attention), but the feature layer still attends over merged tokens: it adds log(size)."""
+    model = build_tiny_llava(vision_layers=3)  # feature layer -2: layer 1; ToMe merges in layer 0 only
+    masks = []
+    feature = model.model.vision_tower.encoder.layers[1].self_attn
+    hook = feature.register_forward_pre_hook(lambda module, args, kwargs: masks.append(kwargs.get("attention_mask")),
+                                             with_kwargs=True)
+    try:
+        with torch.no_grad(), vtprune.applied(model, [vtprune.ToMe(r=2), vtprune.VisionZip(dominant=3, contextual=1)]
+                                              ) as handle:
+            model(input_ids=torch.tensor([prompt([1], 16, [2])]), pixel_values=images(1))
+    finally:
+        hook.remove()
+    assert handle.trace.tokens("vision") == [15]
+    # ToMe r=2 left 15 tokens holding the 17: the feature layer adds log(size) of each to the keys
+    assert masks[0] is not None and masks[0].shape[-1] == 15
+    sizes = masks[0].reshape(-1).double().exp()
+    assert round(float(sizes.sum())) == 17 and float(sizes.max()) > 1.5
+
+
 def test_already_patched_rules():
     model = build_tiny_llava()
     ids = torch.tensor([prompt([1], 16, [2])])
