@@ -98,6 +98,19 @@ class DecodeLayout:
     removed: dict[int, torch.Tensor]
 
 
+def _on_device(kwargs: dict, device: torch.device) -> dict:
+    """``kwargs`` with every tensor (and tuple of tensors, RoPE's ``(cos, sin)``) on ``device``; ``.to`` is a
+    no-op for tensors already there."""
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, tuple) and all(isinstance(item, torch.Tensor) for item in value):
+            return tuple(item.to(device) for item in value)
+        return value
+
+    return {key: move(value) for key, value in kwargs.items()}
+
+
 class LLMSite:
     """Patches the decoder layers of ``language_model`` for one runtime (see the module docstring)."""
 
@@ -252,10 +265,11 @@ class LLMSite:
         return gathered - shift
 
     def _prefill_kwargs(self, surgery: Surgery, hidden: torch.Tensor, kwargs: dict) -> dict:
-        """The layer's mask, position ids and RoPE for the kept columns (rebuilt once per cut, then reused)."""
+        """The layer's mask, position ids and RoPE for the kept columns (rebuilt once per cut, then reused), on
+        the layer's device (accelerate may place later layers on another GPU)."""
         if surgery.rebuilt is None:
             surgery.rebuilt = self._rebuild(surgery, hidden)
-        return {**kwargs, **surgery.rebuilt}
+        return {**kwargs, **_on_device(surgery.rebuilt, hidden.device)}
 
     def _rebuild(self, surgery: Surgery, hidden: torch.Tensor) -> dict:
         kwargs = {}
@@ -277,7 +291,7 @@ class LLMSite:
         """A decode step's mask, position ids and RoPE at a layer after a cut (only the changed entries)."""
         given = kwargs
         kwargs = {}
-        columns = layout.columns[index]
+        columns = layout.columns[index].to(hidden.device)
         mask = given.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             mask = mask.expand(columns.shape[0], *mask.shape[1:])
@@ -286,10 +300,10 @@ class LLMSite:
         if self.mode == "compact":
             positions = given.get("position_ids")
             if positions is not None:
-                positions = positions.expand(columns.shape[0], -1) - layout.removed[index][:, None]
+                positions = positions.expand(columns.shape[0], -1) - layout.removed[index][:, None].to(positions.device)
                 kwargs["position_ids"] = positions
                 kwargs["position_embeddings"] = self.model.rotary_emb(hidden, position_ids=positions)
-        return kwargs
+        return _on_device(kwargs, hidden.device)
 
     # --- signals -------------------------------------------------------------------------------------
     def _repeat(self, tensor: torch.Tensor, heads: int) -> torch.Tensor:

@@ -222,3 +222,18 @@ def test_the_llm_site_refuses_attention_kernels_that_cannot_take_its_mask():
         vtprune.apply(model, vtprune.FastV(k=1, r=0.5))
     assert vtprune.handle_of(model) is None
     vtprune.apply(model, vtprune.RandomKeep(keep=4)).remove()  # the projector site passes no mask: accepted
+
+
+def test_rebuilt_layer_arguments_follow_the_layer_device():
+    """Under accelerate's device_map a later decoder layer may sit on another GPU: the mask, positions and
+    RoPE vtprune rebuilds after a cut are moved to the device of the hidden states that layer gets. (One
+    device here, so the move is exercised on the meta device.)"""
+    from vtprune.adapters.hf_llm import _on_device
+
+    cos, sin, mask = torch.ones(1, 3, 4), torch.zeros(1, 3, 4), torch.zeros(1, 1, 3, 3)
+    moved = _on_device({"attention_mask": mask, "position_embeddings": (cos, sin), "use_cache": True},
+                       torch.device("meta"))
+    assert moved["attention_mask"].device.type == "meta" and moved["use_cache"] is True
+    assert [item.device.type for item in moved["position_embeddings"]] == ["meta", "meta"]
+    same = _on_device({"attention_mask": mask}, mask.device)
+    assert same["attention_mask"] is mask  # already there: not copied
