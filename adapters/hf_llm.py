@@ -284,7 +284,7 @@ class LLMSite:
             if self.mode == "keep":
                 kwargs["position_embeddings"] = tuple(gather_columns(item, columns) for item in embeddings)
             else:
-                kwargs["position_embeddings"] = self.model.rotary_emb(hidden, position_ids=positions)
+                kwargs["position_embeddings"] = self.model.rotary_emb(hidden, position_ids=positions.to(hidden.device))
         return kwargs
 
     def _decode_kwargs(self, layout: DecodeLayout, index: int, hidden: torch.Tensor, kwargs: dict) -> dict:
