@@ -284,6 +284,12 @@ class RetrievalTask(ZeroShotTask):
             return item["image"], ((captions,) if isinstance(captions, str) else tuple(captions))
 
         items = jsonl_items(data, "retrieval", '{"image": ..., "captions": [...]}', build)
+        seen: set[str] = set()
+        for image, _ in items:
+            if image in seen:
+                raise ValueError(f"{data}: image {image!r} is on more than one line; give each image one line "
+                                 'with all its captions: {"image": ..., "captions": [...]}')
+            seen.add(image)
         return [Sample(id=image, path=data.parent / image, label=index, texts=captions)
                 for index, (image, captions) in enumerate(items)]
 
@@ -423,14 +429,15 @@ def mme_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def yes_no_scores(pairs: list[tuple[str, str]]) -> dict[str, float]:
     """POPE's scores (``eval_pope.py``) of ``(prediction, reference)`` yes/no pairs, "yes" the positive class:
-    precision, recall, F1 and accuracy; ``nan`` where a denominator is zero."""
+    precision, recall, F1 = 2TP / (2TP + FP + FN) and accuracy; ``nan`` where a denominator is zero (F1 is 0,
+    not ``nan``, for a model that never answers "yes" where the split has positives)."""
     nan = float("nan")
     tp = sum(p == "yes" and r == "yes" for p, r in pairs)
     fp = sum(p == "yes" and r == "no" for p, r in pairs)
     fn = sum(p == "no" and r == "yes" for p, r in pairs)
     precision = tp / (tp + fp) if tp + fp else nan
     recall = tp / (tp + fn) if tp + fn else nan
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else nan  # nan + x stays nan
+    f1 = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else nan
     accuracy = sum(p == r for p, r in pairs) / len(pairs) if pairs else nan
     return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy}
 

@@ -327,6 +327,16 @@ def test_vqa_accuracy_averages_the_leave_one_out_subsets():
     assert vqa_accuracy("no", ["no"]) == pytest.approx(1 / 3) and vqa_accuracy("x", ["no"]) == 0
 
 
+def test_a_model_that_never_says_yes_scores_pope_f1_zero():
+    """2TP / (2TP + FP + FN): no true positive on a split with positives is F1 0, which a heavily pruned model
+    answering "no" to everything must show, not nan (which the report would print as "-")."""
+    always_no = [("no", "yes"), ("no", "no"), ("no", "yes"), ("no", "no")]
+    scores = yes_no_scores(always_no)
+    assert scores["f1"] == 0.0 and scores["recall"] == 0.0 and math.isnan(scores["precision"])
+    assert yes_no_scores([("yes", "no"), ("no", "yes")])["f1"] == 0.0
+    assert math.isnan(yes_no_scores([("no", "no")])["f1"])  # no positive anywhere: undefined
+
+
 def test_pope_f1_is_the_mean_of_the_split_f1s():
     def rows(split, pairs):
         return [{"category": split, "yesno_prediction": p, "yesno_reference": r} for p, r in pairs]

@@ -207,6 +207,16 @@ def test_clip_zero_shot_on_open_clip(data, tmp_path):
             assert rows[("none (unpruned)", f"{name}/0.png")]["prediction"] == int(scores.argmax())
 
 
+def test_retrieval_refuses_an_image_on_two_lines(tmp_path):
+    from vtprune.evals.tasks import get_task
+
+    lines = [{"image": "a.png", "caption": "one"}, {"image": "b.png", "caption": "two"},
+             {"image": "a.png", "caption": "three"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(ValueError, match="image 'a.png' is on more than one line.*all its captions"):
+        get_task("retrieval").samples(tmp_path / "test.jsonl")
+
+
 def test_clip_retrieval_recalls_by_hand(tmp_path):
     import open_clip
 
