@@ -221,9 +221,10 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 warmed_up = True
             reference, seconds = (_timed(lambda: task.forward(model, images), config.device) if images is not None
                                   else (None, 0.0))
-            if UNPRUNED in missing:
+            read = sum(error is None for error in errors)  # the samples the forward ran on
+            if UNPRUNED in missing and images is not None:
                 timings[UNPRUNED].seconds.append(seconds)
-                timings[UNPRUNED].images += len(batch)
+                timings[UNPRUNED].images += read
             outputs = {UNPRUNED: reference}
             for label in labels[1:]:
                 if label not in missing or images is None:
@@ -236,7 +237,7 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 finally:
                     handle.remove()
                 timings[label].seconds.append(seconds)
-                timings[label].images += len(batch)
+                timings[label].images += read
             rows = []
             for label in missing:
                 readable = 0

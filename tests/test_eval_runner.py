@@ -207,6 +207,21 @@ def test_clip_zero_shot_on_open_clip(data, tmp_path):
             assert rows[("none (unpruned)", f"{name}/0.png")]["prediction"] == int(scores.argmax())
 
 
+def test_latency_counts_only_the_images_a_forward_ran_on(tmp_path):
+    """One image per batch, one of three unreadable: its batch runs no forward, so it adds neither time nor an
+    image, and the mean time per image equals the median per batch of the two timed batches."""
+    rng = np.random.default_rng(2)
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / "cat" / "0.png")
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "data" / "dog" / "0.png")
+    (tmp_path / "data" / "dog" / "1.png").write_bytes(b"not an image")
+    summary = run(config(tmp_path / "data", tmp_path / "out", batch_size=1, policies=("tome:r=8",)), progress=False)
+    for entry in summary["results"]:
+        assert entry["errors"] == 1
+        assert entry["latency_s_per_image"] == pytest.approx(entry["latency_s_per_batch"], rel=1e-9)
+
+
 def test_retrieval_refuses_an_image_on_two_lines(tmp_path):
     from vtprune.evals.tasks import get_task
 
