@@ -263,7 +263,9 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     merged = merge_rows(directory.path, [f"results.rank{r}.jsonl" for r in range(world)] if world > 1 else [],
                         order)
     directory.rows = [row for row in merged if (row["configuration"], row["sample"]) in order]  # this run's samples
+    previous = _previous_results(directory.path)
     summary = summarise(config, task, target, directory, labels, traces, timings, configured)
+    _carry_over(summary, previous, timings, traces)
     summary["config"] = saved
     summary["processes"] = world
     write_outputs(directory.path, summary, task)
@@ -345,6 +347,32 @@ def summarise(config, task, model, directory: RunDirectory, labels, traces, timi
             "results": entries}
 
 
+_LATENCY_KEYS = ("latency_s_per_batch", "latency_s_per_image")
+_COST_KEYS = ("flops", "flops_error", "tokens_site", "tokens_per_layer", "tokens_final", "tokens_layer_mean",
+              "measured_on")
+
+
+def _previous_results(path: Path) -> dict[str, dict[str, Any]]:
+    """The entries of the summary an earlier invocation wrote in this run directory, by configuration."""
+    try:
+        return {entry["configuration"]: entry for entry in json.loads((path / "summary.json").read_text())["results"]}
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
+
+
+def _carry_over(summary: dict[str, Any], previous: dict[str, dict[str, Any]], timings: dict, traces: dict) -> None:
+    """A configuration that ran no batch in this invocation (a finished run rerun, or resumed with a smaller
+    ``--limit``) keeps the latency and the trace-measured cost of the earlier summary instead of losing them."""
+    for entry in summary["results"]:
+        label, before = entry["configuration"], previous.get(entry["configuration"])
+        if before is None:
+            continue
+        if not timings[label].seconds:
+            entry.update({key: before.get(key) for key in _LATENCY_KEYS})
+        if label not in traces and before.get("measured_on") == "trace of the last batch":
+            entry.update({key: before[key] for key in _COST_KEYS if key in before})
+
+
 def _cost(model: nn.Module, label: str, trace: Any, policies: Any) -> dict[str, Any]:
     schedule = trace if trace is not None else None
     try:
@@ -361,7 +389,8 @@ def _cost(model: nn.Module, label: str, trace: Any, policies: Any) -> dict[str, 
             "tokens_per_layer": tokens,
             "tokens_final": pairs[-1][1] if tokens else None,
             "tokens_layer_mean": (sum(tokens) / len(tokens)) if tokens else None,
-            "measured_on": "trace of the last batch" if trace is not None else "config (unpruned)"}
+            "measured_on": ("trace of the last batch" if trace is not None
+                            else "config (unpruned)" if policies is None else "policy's own rules")}
 
 
 def write_outputs(path: Path, summary: dict[str, Any], task: Any) -> None:

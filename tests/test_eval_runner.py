@@ -207,6 +207,18 @@ def test_clip_zero_shot_on_open_clip(data, tmp_path):
             assert rows[("none (unpruned)", f"{name}/0.png")]["prediction"] == int(scores.argmax())
 
 
+def test_rerunning_a_finished_run_keeps_its_latency_and_measured_cost(data, tmp_path):
+    first = run(config(data, tmp_path, policies=("tome:r=8",)), progress=False)
+    again = run(config(data, tmp_path, policies=("tome:r=8",)), progress=False)  # every batch already done
+    shorter = run(config(data, tmp_path, policies=("tome:r=8",), limit=4), progress=False)
+    for summary in (again, shorter):
+        for before, after in zip(first["results"], summary["results"]):
+            assert after["latency_s_per_image"] == before["latency_s_per_image"] is not None
+            assert after["latency_s_per_batch"] == before["latency_s_per_batch"]
+            assert after["measured_on"] == before["measured_on"] and after["flops"] == before["flops"]
+    assert [entry["measured_on"] for entry in again["results"]] == ["config (unpruned)", "trace of the last batch"]
+
+
 def test_latency_counts_only_the_images_a_forward_ran_on(tmp_path):
     """One image per batch, one of three unreadable: its batch runs no forward, so it adds neither time nor an
     image, and the mean time per image equals the median per batch of the two timed batches."""
