@@ -209,8 +209,13 @@ class ZeroShotTask(ClassificationTask):
             tokenizer = AutoTokenizer.from_pretrained(path)
             self._hf_image_processors[model] = AutoImageProcessor.from_pretrained(path)
 
+            # the text tower's own context: SigLIP pools its last position and was trained on max_length
+            # padding (64); CLIP (77) pools its end token, so padding further changes nothing there
+            context = model.config.text_config.max_position_embeddings
+
             def encode(texts: list[str]) -> torch.Tensor:
-                tokens = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+                tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=context,
+                                   return_tensors="pt").to(device)
                 output = model.get_text_features(**tokens)
                 return getattr(output, "pooler_output", output)
 

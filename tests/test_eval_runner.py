@@ -370,6 +370,40 @@ def test_vqa_answer_rules():
     assert yes_no("There is not a cat") == "no"
 
 
+def test_siglip_texts_are_padded_to_the_context_it_was_trained_with(tmp_path):
+    """SigLIP pools the last position: each prompt must be padded to the text context (max_length), so its
+    embedding does not depend on the longest prompt in the batch; too long captions are cut to the context."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    from vtprune.evals.tasks import ZeroShotTask
+
+    checkpoint = tmp_path / "siglip"
+    words = ["<unk>", "<pad>", "a", "photo", "of", "the", "cat.", "dog."]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>")
+    fast.save_pretrained(checkpoint)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(checkpoint)
+    config = SiglipConfig(text_config=dict(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, max_position_embeddings=12),
+                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=8))
+    torch.manual_seed(0)
+    SiglipModel(config).save_pretrained(checkpoint)
+    model = SiglipModel.from_pretrained(checkpoint).eval()
+    encode = ZeroShotTask()._encode_texts(model, f"hf:{checkpoint}")
+    texts = ["a cat.", "a photo of the dog.", " ".join(["a photo of the cat."] * 4)]  # the last: 20 words
+    with torch.inference_mode():
+        together = encode(texts)
+        for index, text in enumerate(texts):
+            alone = model.get_text_features(**fast([text], padding="max_length", truncation=True, max_length=12,
+                                                   return_tensors="pt"))
+            torch.testing.assert_close(together[index], getattr(alone, "pooler_output", alone)[0])
+        assert not torch.allclose(together[0], model.get_text_features(**fast(["a cat."], return_tensors="pt"))
+                                  .pooler_output[0])  # unpadded, the last position is another token
+
+
 def test_zero_shot_on_a_hugging_face_clip_checkpoint(data, tmp_path):
     """hf:PATH CLIP checkpoints (policies on vision_model); tokenizer and image processor built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
