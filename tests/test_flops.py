@@ -498,3 +498,34 @@ def test_pitome_overhead_follows_the_matching_each_layer_runs():
     first, later = layers[0], layers[14]
     assert first.tokens_in == 577 and first.overhead == 2 * 289 * 288 * 1024  # ceil(N/2) floor(N/2) d, in FLOPs
     assert later.overhead == 2 * (later.tokens_in - 1) ** 2 * 1024  # (N - CLS)^2 d
+
+
+def _llava7b_layer(n):
+    """Vicuna-7B's paper-convention MACs of one decoder layer on n tokens: 4nd² + 2n²d + 3ndm."""
+    d, m = 4096, 11008
+    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+
+
+def test_a_policy_that_fixes_the_visual_tokens_composes_with_a_language_model_policy():
+    """VisionZip hands 192 (or 64) tokens on; TransPrune (or FastV) then cuts inside the language model on those."""
+    composed = flops.estimate("llava-1.5-7b", policy=["visionzip:keep=192", "transprune"])
+    expected = [192] * 7 + [168] * 2 + [120] * 3 + [24] * 20
+    assert [pair[0] for pair in composed.schedule["llm"]] == expected
+    assert composed.total == sum(_llava7b_layer(n) for n in expected)
+    fastv = flops.estimate("llava-1.5-7b", policy=["visionzip:keep=64", "fastv:k=2,r=0.5"])
+    assert fastv.total == 2 * _llava7b_layer(64) + 30 * _llava7b_layer(32)
+    # LLaVA-NeXT: with FlowCut's second stage the per-image cut is left to it (400 = 5 crops x 80 in layers 0-1)
+    next_two_stage = flops.estimate("llava-next-7b", policy=["flowcut:keep=160", "flowcut_llm:keep=160"])
+    assert [pair[0] for pair in next_two_stage.schedule["llm"]] == [400, 400] + [160] * 30
+
+
+def test_without_a_trace_the_projector_runs_on_what_a_projector_policy_kept():
+    full = flops.estimate("llava-1.5-7b", policy="visionzip:keep=64", convention="full")
+    assert full.by_site["projector"] == 2 * 64 * (1024 * 4096 + 4096 * 4096)  # not 576 rows
+    unpruned = flops.estimate("llava-1.5-7b", convention="full")
+    assert unpruned.by_site["projector"] == 2 * 576 * (1024 * 4096 + 4096 * 4096)
+
+
+def test_a_projector_policy_on_a_model_without_a_language_model_is_named():
+    with pytest.raises(ValueError, match="site 'projector', which .* does not have \\(it has no language model\\)"):
+        flops.estimate("vit-b-16", policy="visionzip:keep=64")

@@ -7,7 +7,8 @@ from ..trace import Trace
 from .architectures import Transformer, architecture
 from .conventions import Convention, resolve_convention
 from .costs import SITES, Cost, LayerCost
-from .token_counts import _default_visual_tokens, _policies, _reduces, _schedules, _trace_visual_tokens
+from .token_counts import (_default_visual_tokens, _policies, _reduces, _schedules, _trace_visual_tokens,
+                           projector_tokens as fixed_projector_tokens)
 
 
 def estimate(config: Any, *, schedule: Any = None, policy: Any = None, convention: str | Convention = "paper",
@@ -96,6 +97,8 @@ def estimate(config: Any, *, schedule: Any = None, policy: Any = None, conventio
             projector_tokens = arch.views * len(schedule.positions[0])  # per crop, before any packing
         elif tower is None:
             projector_tokens = sched["llm"][0][0]
+        elif not isinstance(schedule, Trace) and fixed_projector_tokens(arch, policy_list) is not None:
+            projector_tokens = fixed_projector_tokens(arch, policy_list)  # reduced before the projector
         else:
             projector_tokens = arch.views * arch.visual_tokens_per_view(sched.get("vision"))
         if conv.projector and arch.projector:

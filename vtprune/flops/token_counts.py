@@ -68,16 +68,29 @@ def _policies(policy: Any) -> list[Policy]:
     return make_policies(policy)
 
 
-def _handed_on(arch: Architecture, policy: Policy) -> int | None:
-    """Visual tokens per sample the policy hands a VLM's language model, if it fixes that count."""
-    if arch.vision is None or arch.llm is None:
+def _handed_per_view(arch: Architecture, policy: Policy) -> int | None:
+    """Visual tokens per view (crop) a vision- or projector-site policy hands on, if it fixes that count."""
+    if arch.vision is None or arch.llm is None or policy.site not in ("vision", "projector"):
         return None
     tower = arch.vision
-    per_view = policy.handed_on(tower.num_patches, tower.num_prefix_tokens, arch.drop_prefix, anyres=arch.views > 1)
+    return policy.handed_on(tower.num_patches, tower.num_prefix_tokens, arch.drop_prefix, anyres=arch.views > 1)
+
+
+def _handed_on(arch: Architecture, policy: Policy, budgeted: bool = True) -> int | None:
+    """Visual tokens per sample the policy hands a VLM's language model, if it fixes that count. ``budgeted``:
+    LLaVA-NeXT's per-image cut after packing (:meth:`Policy.image_budget`) applies, as the adapter makes it
+    when no ``llm``-site policy makes the final cut instead."""
+    per_view = _handed_per_view(arch, policy)
     if per_view is None:
         return None
-    budget = policy.image_budget() if arch.views > 1 else None
+    budget = policy.image_budget() if arch.views > 1 and budgeted else None
     return arch.views * per_view if budget is None else min(arch.views * per_view, budget)
+
+
+def projector_tokens(arch: Architecture, policies: list[Policy]) -> int | None:
+    """Tokens the projector runs on (all views, before packing) when a policy fixes them, else ``None``."""
+    counts = [count for count in (_handed_per_view(arch, policy) for policy in policies) if count is not None]
+    return arch.views * counts[-1] if counts else None
 
 
 def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
@@ -99,6 +112,8 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
     elif schedule is not None:
         given[arch.primary_site] = schedule
     result: dict[str, list[tuple[int, int]]] = {}
+    composed_llm = any(policy.site == "llm" for policy in policies)
+    fixed: int | None = None  # visual tokens a vision- or projector-site policy hands the language model
     for site, value in given.items():
         if site not in ("vision", "llm"):
             raise ValueError(f"schedules are given for the sites 'vision' and 'llm', not {site!r}")
@@ -111,9 +126,9 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
         site = policy.site
         if site == "projector" and (visual_tokens is not None or "llm" in result):
             continue  # the visual tokens it keeps are given
-        handed = _handed_on(arch, policy)
+        handed = _handed_on(arch, policy, budgeted=not composed_llm)
         if site == "projector" and handed is not None:
-            result["llm"] = [(handed, handed)] * layers["llm"]
+            fixed = handed
             continue
         if site == "vision" and handed is not None and layers["llm"] and site not in result and \
                 type(policy).token_schedule is Policy.token_schedule:
@@ -122,9 +137,12 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
                 notes.append(f"{policy}: its per-layer counts inside the vision tower depend on the input; the "
                              "tower is costed without them (an upper bound). Cost a trace for the exact count: "
                              "estimate(model, schedule=handle.trace, policy=policy).")
-            if "llm" not in result and visual_tokens is None:
-                result["llm"] = [(handed, handed)] * layers["llm"]
+            if visual_tokens is None:
+                fixed = handed
             continue
+        if site == "projector" and not layers["llm"]:
+            raise ValueError(f"policy {policy} acts at site 'projector', which {arch.name} does not have (it has no "
+                             "language model)")
         if site == "projector":
             raise ValueError(f"policy {policy}: costing projector-site policies needs the visual tokens they keep; "
                              "pass schedule={'llm': [...]} with the counts the language model sees")
@@ -136,7 +154,10 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
             tower = arch.vision
             result[site] = policy.token_schedule(tower.num_tokens, tower.blocks.num_layers, tower.num_prefix_tokens)
         else:
-            result[site] = policy.token_schedule(_default_visual_tokens(arch, result, visual_tokens), layers["llm"], 0)
+            entering = fixed if fixed is not None else _default_visual_tokens(arch, result, visual_tokens)
+            result[site] = policy.token_schedule(entering, layers["llm"], 0)
+    if fixed is not None and "llm" not in result:
+        result["llm"] = [(fixed, fixed)] * layers["llm"]
     if arch.vision and "vision" not in result:
         result["vision"] = [(arch.vision.num_tokens, arch.vision.num_tokens)] * layers["vision"]
     return result

@@ -187,6 +187,12 @@ class FlowCutLLM(Policy):
         check_int("layer", self.layer, minimum=0, policy="flowcut_llm")
         check_choice("position_mode", self.position_mode, POSITION_MODES, policy="flowcut_llm")
 
+    def token_schedule(self, num_tokens: int, num_layers: int, num_protected: int = 0) -> list[tuple[int, int]]:
+        """Visual tokens per decoder layer: ``N`` up to layer ``layer`` (the cut comes after it), then
+        ``min(keep, N)``."""
+        kept = min(self.keep, num_tokens)
+        return [(num_tokens, num_tokens) if layer <= self.layer else (kept, kept) for layer in range(num_layers)]
+
     def reduce(self, view: LayerView) -> MergePlan | None:
         tokens = view.signal("tokens")
         if view.layer != self.layer or tokens.visual.shape[1] <= self.keep:
