@@ -529,3 +529,14 @@ def test_without_a_trace_the_projector_runs_on_what_a_projector_policy_kept():
 def test_a_projector_policy_on_a_model_without_a_language_model_is_named():
     with pytest.raises(ValueError, match="site 'projector', which .* does not have \\(it has no language model\\)"):
         flops.estimate("vit-b-16", policy="visionzip:keep=64")
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("vit_base_r50_s16_384", "HybridEmbed is not"),  # a ResNet stem: its grid is not img_size / kernel
+    ("xcit_tiny_12_p16_224", "Xcit uses XCA"),
+    ("vit_base_patch16_18x2_224", "ParallelThingsBlock has other parts"),
+    ("cait_s24_224", "Cait uses TalkingHeadAttn and class-attention blocks"),
+])
+def test_timm_models_it_cannot_cost_are_refused_by_name(name, reason):
+    with pytest.raises(ValueError, match=reason):
+        flops.estimate(name)

@@ -286,8 +286,22 @@ def _linears(module: Any) -> list[Any]:
 
 
 def _vision_from_timm(model: Any) -> VisionTower:
+    from torch import nn
+
     block = model.blocks[0]
-    attn, mlp = block.attn, block.mlp
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    if attn is None or mlp is None:
+        raise ValueError(f"vtprune.flops reads timm blocks with one attn and one mlp; {type(block).__name__} "
+                         "has other parts (parallel or class-attention blocks are not supported)")
+    from timm.layers import Attention
+
+    if not isinstance(attn, Attention) or getattr(model, "blocks_token_only", None) is not None:
+        raise ValueError(f"vtprune.flops reads timm ViT blocks with timm.layers.Attention; {type(model).__name__} "
+                         f"uses {type(attn).__name__}{' and class-attention blocks' if hasattr(model, 'blocks_token_only') else ''}")
+    conv = getattr(model.patch_embed, "proj", None)
+    if getattr(model.patch_embed, "backbone", None) is not None or not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"vtprune.flops reads timm patch embeddings that are one Conv2d over the pixels; "
+                         f"{type(model.patch_embed).__name__} is not (a hybrid CNN backbone or a conv stem)")
     qkv, proj = getattr(attn, "qkv", None), getattr(attn, "proj", None)
     if qkv is None or proj is None:
         raise ValueError(f"vtprune.flops reads timm attention with qkv and proj linears; "
@@ -305,7 +319,6 @@ def _vision_from_timm(model: Any) -> VisionTower:
                          f"{[(layer.in_features, layer.out_features) for layer in linears]})")
     blocks = Transformer(num_layers=len(model.blocks), hidden_size=dim, num_heads=num_heads,
                          intermediate_size=hidden, mlp_matrices=matrices, head_dim=head_dim)
-    conv = model.patch_embed.proj
     head = []  # every linear outside the blocks, patch embedding and attention pool: pre-logits, head(s)
     for name, part in model.named_children():
         if name not in ("blocks", "patch_embed", "attn_pool"):
