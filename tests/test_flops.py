@@ -540,3 +540,20 @@ def test_a_projector_policy_on_a_model_without_a_language_model_is_named():
 def test_timm_models_it_cannot_cost_are_refused_by_name(name, reason):
     with pytest.raises(ValueError, match=reason):
         flops.estimate(name)
+
+
+@pytest.mark.parametrize("policies", [[vtprune.ToMe(r=2)], [vtprune.PiToMe(ratio=0.8)],
+                                      [vtprune.ToMe(r=2), vtprune.VisionZip(dominant=3, contextual=1)]], ids=str)
+def test_a_llava_vision_policy_costed_by_its_rules_equals_its_trace(policies):
+    """Without running the model, a vision policy on LLaVA reduces in the layers up to the feature layer only
+    (one fewer with a projector policy that reads its attention), as the adapter applies it."""
+    from conftest import build_tiny_llava
+
+    model = build_tiny_llava(vision_layers=4)
+    ids = torch.tensor([[1] + [127] * 16 + [2, 3]])
+    with torch.no_grad(), vtprune.applied(model, policies) as handle:
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32))
+    measured = flops.estimate(model, schedule=handle.trace, policy=policies, convention="full", prompt_tokens=3)
+    by_rules = flops.estimate(model, policy=policies, convention="full", prompt_tokens=3)
+    assert by_rules.schedule["vision"] == measured.schedule["vision"]
+    assert by_rules.total == measured.total

@@ -152,7 +152,8 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
             continue  # the given schedule (e.g. a trace) wins; the policy only adds its overhead
         if site == "vision":
             tower = arch.vision
-            result[site] = policy.token_schedule(tower.num_tokens, tower.blocks.num_layers, tower.num_prefix_tokens)
+            pairs = policy.token_schedule(tower.num_tokens, tower.blocks.num_layers, tower.num_prefix_tokens)
+            result[site] = _up_to_feature_layer(arch, pairs, policies) if layers["llm"] else pairs
         else:
             entering = fixed if fixed is not None else _default_visual_tokens(arch, result, visual_tokens)
             result[site] = policy.token_schedule(entering, layers["llm"], 0)
@@ -161,6 +162,21 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
     if arch.vision and "vision" not in result:
         result["vision"] = [(arch.vision.num_tokens, arch.vision.num_tokens)] * layers["vision"]
     return result
+
+
+def _up_to_feature_layer(arch: Architecture, pairs: list[tuple[int, int]],
+                         policies: list[Policy]) -> list[tuple[int, int]]:
+    """A VLM's vision policy reduces only in the layers up to the feature layer (one fewer when a projector
+    policy reads the feature layer's attention), as the LLaVA adapter applies it; the layers after run on
+    what is left."""
+    index = arch.feature_layer if arch.feature_layer >= 0 else len(pairs) + 1 + arch.feature_layer
+    reading = any(policy.site == "projector" and {"qkv", "keys", "attention"} & set(policy.signals)
+                  for policy in policies)
+    depth = index - 1 if reading else index
+    if not 0 < depth < len(pairs):
+        return pairs
+    left = pairs[depth - 1][1]
+    return pairs[:depth] + [(left, left)] * (len(pairs) - depth)
 
 
 def _trace_visual_tokens(trace: Trace, arch: Architecture) -> int | None:
