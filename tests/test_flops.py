@@ -557,3 +557,20 @@ def test_a_llava_vision_policy_costed_by_its_rules_equals_its_trace(policies):
     by_rules = flops.estimate(model, policy=policies, convention="full", prompt_tokens=3)
     assert by_rules.schedule["vision"] == measured.schedule["vision"]
     assert by_rules.total == measured.total
+
+
+def test_a_llava_next_trace_is_costed_on_the_crops_it_encoded():
+    """An image 20 x 64 px picks the 32 x 64 pinpoint: 2 tiles and the base, 3 crops, not the config's 5."""
+    from conftest import build_tiny_llava_next
+
+    model = build_tiny_llava_next()
+    pixels = torch.randn(2, 5, 3, 32, 32, dtype=torch.float64)
+    sizes = torch.tensor([[20, 64], [64, 20]])
+    with torch.no_grad(), vtprune.applied(model, vtprune.RandomKeep(keep=5)) as handle:
+        model.model.get_image_features(pixel_values=pixels, image_sizes=sizes)
+    assert len(handle.trace.positions) == 6 and len(handle.trace.visual_tokens) == 2
+    traced = flops.estimate(model, schedule=handle.trace, convention="full")
+    nominal = flops.estimate(model, convention="full")  # the config's 5 views
+    assert traced.by_site["vision"] * 5 == nominal.by_site["vision"] * 3
+    # the projector: 3 crops x 5 kept tokens, against 5 views x 16 patches
+    assert traced.by_site["projector"] * (5 * 16) == nominal.by_site["projector"] * (3 * 5)

@@ -52,7 +52,7 @@ def estimate(config: Any, *, schedule: Any = None, policy: Any = None, conventio
 
     tower = arch.vision
     if tower is not None and count_vision:
-        views = arch.views
+        views = _views(arch, schedule)
         blocks = tower.blocks
         dims = {"keys": blocks.head_dim, "hidden": blocks.hidden_size}
         vision_policy = by_policy_site.get("vision")
@@ -94,7 +94,7 @@ def estimate(config: Any, *, schedule: Any = None, policy: Any = None, conventio
             raise ValueError(f"visual_tokens={visual_tokens} contradicts the language-model schedule, whose first "
                              f"layer sees {sched['llm'][0][0]} visual tokens; give one or the other")
         if handed_on is not None and isinstance(schedule, Trace) and schedule.positions:
-            projector_tokens = arch.views * len(schedule.positions[0])  # per crop, before any packing
+            projector_tokens = _views(arch, schedule) * len(schedule.positions[0])  # per crop, before packing
         elif tower is None:
             projector_tokens = sched["llm"][0][0]
         elif not isinstance(schedule, Trace) and fixed_projector_tokens(arch, policy_list) is not None:
@@ -192,3 +192,14 @@ def vit_macs(block_tokens: Sequence[tuple[int, int]], *, dim: int, mlp_ratio: fl
     head = dim * num_classes
     return {"blocks": total_blocks, "patch_embed": patch_embed, "head": head,
             "total": total_blocks + patch_embed + head}
+
+
+def _views(arch: Any, schedule: Any) -> int:
+    """Views (crops) per image the vision tower encodes: a LLaVA-NeXT trace's own count (one ``positions`` row
+    per crop, ``visual_tokens`` one entry per image: fewer crops for a small or square image), else the
+    config's."""
+    if isinstance(schedule, Trace) and arch.views > 1 and schedule.positions and schedule.visual_tokens:
+        crops, images = len(schedule.positions), len(schedule.visual_tokens)
+        if crops % images == 0:
+            return crops // images
+    return arch.views
