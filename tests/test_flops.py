@@ -157,6 +157,11 @@ def test_conventions_and_switches():
     paper = flops.estimate("llava-1.5-7b")
     as_flops = flops.estimate("llava-1.5-7b", unit="FLOPs")
     assert as_flops.total == 2 * paper.total and as_flops.convention == "paper+unit=FLOPs"
+    # a Convention passed in keeps its earlier changes in the name
+    from vtprune.flops.conventions import resolve_convention
+
+    chained = resolve_convention(resolve_convention("paper", unit="FLOPs"), mlp_tokens="in")
+    assert chained.name == "paper+unit=FLOPs,mlp_tokens=in" and chained.unit == "FLOPs"
     full = flops.estimate("llava-1.5-7b", convention="full")
     assert full.unit == "FLOPs" and full.convention == "full"
     assert set(full.by_site) == {"vision", "projector", "llm", "lm_head", "overhead"}

@@ -111,9 +111,12 @@ def resolve_convention(name: str | Convention = "paper", **switches: Any) -> Con
         raise ValueError(f"unknown switch(es) {unknown}; accepted: {', '.join(accepted)}")
     result = dataclasses.replace(base, **switches)
     _check_convention(result)
-    changed = [f"{key}={value}" for key, value in switches.items() if getattr(base, key) != value]
+    preset = base.name.split("+")[0]
+    reference = PRESETS.get(preset, base)  # a Convention passed in may already differ from its preset
+    changed = [f"{field}={getattr(result, field)}" for field in accepted
+               if getattr(result, field) != getattr(reference, field)]
     if changed:
-        result = dataclasses.replace(result, name=base.name.split("+")[0] + "+" + ",".join(changed))
+        result = dataclasses.replace(result, name=preset + "+" + ",".join(changed))
     return result
 
 
