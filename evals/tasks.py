@@ -328,10 +328,12 @@ class RetrievalTask(ZeroShotTask):
         owner_slot = (owners[:, None] == present[None, :]).float().argmax(1)  # caption -> its image's row
         own = owner_slot[None, :] == torch.arange(len(present))[:, None]  # [images, captions]
         best_own = similarity.masked_fill(~own, float("-inf")).amax(1)
-        image_rank = (similarity > best_own[:, None]).sum(1)
+        # ties count against the model: another image's caption scoring exactly as high (a duplicate
+        # caption) ranks ahead, and so does another image scoring exactly as high for a caption
+        image_rank = ((similarity >= best_own[:, None]) & ~own).sum(1)
         caption_scores = similarity.T  # [captions, images]
         own_score = caption_scores.gather(1, owner_slot[:, None])
-        caption_rank = (caption_scores > own_score).sum(1)
+        caption_rank = (caption_scores >= own_score).sum(1) - 1
         metrics = {}
         for k in (1, 5, 10):
             metrics[f"i2t_r{k}"] = float((image_rank < k).float().mean())

@@ -234,6 +234,21 @@ def test_latency_counts_only_the_images_a_forward_ran_on(tmp_path):
         assert entry["latency_s_per_image"] == pytest.approx(entry["latency_s_per_batch"], rel=1e-9)
 
 
+def test_retrieval_ties_count_against_the_model():
+    """Two images whose only captions are the same text: each image's best caption ties with the other
+    image's, so neither is a sure hit at R@1 (a strict > would count both as hits)."""
+    from vtprune.evals.tasks import get_task
+
+    task = get_task("retrieval")
+    text = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    task._current = (text, torch.tensor([0, 1, 2]))  # captions 0 and 1 identical; image 2's differs
+    embeddings = [[0.8, 0.6], [0.6, 0.8], [0.0, 1.0]]
+    rows = [{"label": index, "embedding": embedding, "fidelity": 1.0} for index, embedding in enumerate(embeddings)]
+    metrics = task.summarise(rows)
+    assert metrics["i2t_r1"] == pytest.approx(1 / 3)  # only image 2 is unambiguous
+    assert metrics["t2i_r1"] == pytest.approx(2 / 3)  # caption 1's own image (0.6) loses to image 0 (0.8)
+
+
 def test_retrieval_refuses_an_image_on_two_lines(tmp_path):
     from vtprune.evals.tasks import get_task
 
