@@ -9,6 +9,7 @@ there (a truncated last line from a kill is dropped and redone).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +19,18 @@ RESUMABLE_DIFFERENCES = ("limit",)
 
 class IncompatibleRunError(ValueError):
     """The directory holds results of a different configuration."""
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (``nan``, ``inf``: a metric with nothing to measure) as ``None``,
+    so that ``json.dumps`` writes standard JSON (``null``) that any parser reads, not ``NaN``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -33,7 +33,7 @@ import vtprune
 from vtprune import flops
 
 from .cost import parse_configuration
-from .results import RunDirectory, merge_rows, write_atomic
+from .results import RunDirectory, merge_rows, strict_json, write_atomic
 from .tasks import get_task
 
 UNPRUNED = "none (unpruned)"
@@ -394,7 +394,7 @@ def _cost(model: nn.Module, label: str, trace: Any, policies: Any) -> dict[str, 
 
 
 def write_outputs(path: Path, summary: dict[str, Any], task: Any) -> None:
-    write_atomic(path / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_atomic(path / "summary.json", json.dumps(strict_json(summary), indent=2, sort_keys=True) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     metric_names = list(summary["results"][0]["metrics"]) if summary["results"] else []

@@ -364,6 +364,12 @@ def test_vqa_on_a_llava_checkpoint(tmp_path):
     assert results["none (unpruned)"]["metrics"]["mme_perception"] == pytest.approx(100 * 2 * sum(mme) / 2)
     assert results["none (unpruned)"]["metrics"]["mme_cognition"] != results["none (unpruned)"]["metrics"]["mme_cognition"]
     assert "choice" in rows[("none (unpruned)", "9")]
+    # summary.json is standard JSON: a metric with nothing to measure is null, not NaN
+    def refuse(constant):
+        raise AssertionError(f"{constant} in summary.json")
+
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text(), parse_constant=refuse)
+    assert saved["results"][0]["metrics"]["mme_cognition"] is None
 
 
 def test_baselines_at_the_policies_budgets():

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..results import strict_json
+
 LAB_NOTE = ("This is vtprune-mini: a small laboratory of three small models (0.3 to 1.1 M parameters) "
             "trained on Fashion-MNIST and shipped with vtprune, so that every policy can be run and compared "
             "offline in minutes. Differences between policies here are real and measured, but the models, "
@@ -93,7 +95,7 @@ def run_lab(out: Path | str, full: bool = False, weights: str = "pretrained", de
         record["runs"].append({"name": lab_run.name, "model": lab_run.model, "task": lab_run.task,
                                "metric": lab_run.metric, "limit": lab_run.limit,
                                "seconds": time.perf_counter() - started, "by_kind": by_kind, "summary": summary})
-    (out / "lab.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (out / "lab.json").write_text(json.dumps(strict_json(record), indent=2, sort_keys=True) + "\n")
     (out / "report.md").write_text(format_lab_report(record))
     write_lab_plot(out / "lab.png", record)
     return record
