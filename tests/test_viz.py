@@ -78,6 +78,26 @@ def test_image_forms_are_equivalent():
     np.testing.assert_array_equal(np.asarray(inferred), expected)
 
 
+def test_pixels_past_the_last_whole_patch_are_drawn_as_they_are():
+    """384 px in 14 px patches is 27 patches and 6 px the patch embedding ignores (SigLIP so400m/14 at 384):
+    the grid is drawn on the covered part, the strip is left as it was."""
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (10, 11, 3), dtype=np.uint8)  # 2 x 2 patches of 4 px, 2 and 3 px left over
+    assignment = np.array([0, 1, 1, 2, 3])  # CLS, then patches 0 and 1 merged
+    drawn = np.asarray(viz.draw_merges(pixels, assignment, patch_size=4))
+    covered = np.asarray(viz.draw_merges(pixels[:8, :8].copy(), assignment, patch_size=4))
+    np.testing.assert_array_equal(drawn[:8, :8], covered)
+    np.testing.assert_array_equal(drawn[8:], pixels[8:])
+    np.testing.assert_array_equal(drawn[:, 8:], pixels[:, 8:])
+    with pytest.raises(ValueError, match="4x4 or 5x5 pixels; pass patch_size="):  # 10 // 5 is 2 as well
+        viz.draw_merges(pixels, assignment)
+    siglip = rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)
+    tokens = np.arange(27 * 27)  # no prefix: 27 x 27 patches of 14 px, the only size that gives 729
+    inferred = np.asarray(viz.draw_merges(siglip, tokens, num_prefix=0))
+    np.testing.assert_array_equal(inferred, np.asarray(viz.draw_merges(siglip, tokens, num_prefix=0, patch_size=14)))
+    np.testing.assert_array_equal(inferred[378:], siglip[378:])
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: viz.merge_groups(np.arange(1 + 12), grid=(3, 3)), "grid 3x3 has 9 patches"),
     (lambda: viz.merge_groups(np.arange(1 + 12)), "do not form a square grid"),
@@ -87,8 +107,8 @@ def test_image_forms_are_equivalent():
     (lambda: viz.merge_groups(torch.zeros(2, 5, dtype=torch.long)), "batch of 2"),
     (lambda: viz.draw_merges(np.zeros((8, 8, 3), np.uint8), np.arange(1 + 9), patch_size=4),
      "2x2 = 4 patches"),
-    (lambda: viz.draw_merges(np.zeros((9, 8, 3), np.uint8), np.arange(1 + 4), patch_size=4),
-     "not a whole number"),
+    (lambda: viz.draw_merges(np.zeros((3, 8, 3), np.uint8), np.arange(1 + 4), patch_size=4),
+     "smaller than one 4x4 patch"),
     (lambda: viz.draw_merges(np.zeros((8, 8, 3), np.uint8), np.arange(1 + 4), patch_size=4, grid=(4, 1)),
      "does not match the image"),
     (lambda: viz.draw_merges(np.zeros((8, 8, 3), np.uint8), np.arange(1 + 3)), "cannot infer"),

@@ -225,10 +225,10 @@ def draw_merges(image: Any, assignment: Any, patch_size: int | Sequence[int] | N
         patch_h, patch_w = _infer_patch_size(height, width, values.size - num_prefix, num_prefix)
     else:
         patch_h, patch_w = _pair(patch_size, "patch_size")
-    if height % patch_h or width % patch_w:
-        raise ValueError(f"image of {height}x{width} pixels is not a whole number of {patch_h}x{patch_w} patches; "
-                         "pass the image exactly as the model saw it (after resize and crop)")
     image_grid = (height // patch_h, width // patch_w)
+    if not image_grid[0] or not image_grid[1]:
+        raise ValueError(f"image of {height}x{width} pixels is smaller than one {patch_h}x{patch_w} patch; pass the "
+                         "image exactly as the model saw it (after resize and crop)")
     if grid is not None and _pair(grid, "grid") != image_grid:
         raise ValueError(f"grid {tuple(_pair(grid, 'grid'))} does not match the image: {height}x{width} pixels in "
                          f"{patch_h}x{patch_w} patches is a {image_grid[0]}x{image_grid[1]} grid")
@@ -240,6 +240,11 @@ def draw_merges(image: Any, assignment: Any, patch_size: int | Sequence[int] | N
                          "that the image is the model's input")
     groups = merge_groups(values, num_prefix, image_grid)
     pixel_groups = np.repeat(np.repeat(groups, patch_h, axis=0), patch_w, axis=1)
+    # a patch embedding ignores the pixels past the last whole patch (384 px in 14 px patches: 27, 6 px left);
+    # they are drawn as they are
+    covered = (image_grid[0] * patch_h, image_grid[1] * patch_w)
+    whole = pixels
+    pixels = pixels[:covered[0], :covered[1]]
 
     out = pixels.astype(np.float64)
     if fill == "mean":
@@ -260,14 +265,22 @@ def draw_merges(image: Any, assignment: Any, patch_size: int | Sequence[int] | N
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     if border:
         out[_boundaries(pixel_groups, border_width)] = colour.astype(np.uint8)
-    return Image.fromarray(out)
+    drawn = np.array(whole, dtype=np.uint8, copy=True)
+    drawn[:covered[0], :covered[1]] = out
+    return Image.fromarray(drawn)
 
 
 def _infer_patch_size(height: int, width: int, num_patches: int, num_prefix: int) -> tuple[int, int]:
     if num_patches > 0:
-        side = math.isqrt(height * width // num_patches)
-        if side > 0 and height % side == 0 and width % side == 0 and (height // side) * (width // side) == num_patches:
+        # every square patch size giving that many patches; the grid may leave a strip uncovered
+        fits = [side for side in range(1, min(height, width) + 1) if (height // side) * (width // side) == num_patches]
+        exact = [side for side in fits if height % side == 0 and width % side == 0]
+        if len(exact) == 1 or len(fits) == 1:
+            side = exact[0] if len(exact) == 1 else fits[0]
             return side, side
+        if fits:
+            raise ValueError(f"a {height}x{width} image splits into {num_patches} square patches of "
+                             f"{' or '.join(f'{side}x{side}' for side in fits)} pixels; pass patch_size=")
     raise ValueError(f"cannot infer a square patch size: a {height}x{width} image does not split into "
                      f"{num_patches} square patches (assignment entries - num_prefix={num_prefix}); "
                      "pass patch_size= (and check num_prefix, and that the image is the model's input)")
