@@ -78,6 +78,12 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_protected: int = 0
         return MergePlan(keep=keep, src=2 * src, dst=dst_b - protected_b + offset)
 
 
+def bipartite_matching_macs(num_tokens: int, width: int) -> int:
+    """Multiply-accumulates of :func:`bipartite_soft_matching`'s score matrix ``A @ Bᵀ`` over ``num_tokens``
+    tokens of ``width``: ``ceil(N/2) · floor(N/2) · width`` (protected tokens are in it, masked afterwards)."""
+    return ((num_tokens + 1) // 2) * (num_tokens // 2) * width
+
+
 def pitome_energy(metric: torch.Tensor, margin: float, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """PiToMe's energy score (Tran et al., NeurIPS 2024, Sec. 3), as the official code at 550b5de computes it.
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..matching import bipartite_soft_matching, pitome_matching, pitome_removed_count
+from ..matching import bipartite_matching_macs, bipartite_soft_matching, pitome_matching, pitome_removed_count
 from ..policy import Policy, check_bool, check_choice, check_float, check_int
 from ..reduction import MergePlan, with_mean_weights
 from ..registry import register_policy
@@ -110,7 +110,7 @@ class PiToMe(Policy):
         ``clip_hf`` preset's layers 0-12; known only when ``layer`` and ``num_layers`` are given), ToMe's score
         matrix over all ``N`` tokens: ``ceil(N/2) · floor(N/2) · d_metric``."""
         if layer is not None and num_layers is not None and self._uses_tome(layer, num_layers):
-            return ((num_tokens + 1) // 2) * (num_tokens // 2) * dims[self.metric]
+            return bipartite_matching_macs(num_tokens, dims[self.metric])
         unprotected = num_tokens - num_protected
         return unprotected * unprotected * dims[self.metric]
 

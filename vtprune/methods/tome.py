@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..matching import bipartite_soft_matching
+from ..matching import bipartite_matching_macs, bipartite_soft_matching
 from ..policy import Policy, check_bool, check_float, check_int
 from ..reduction import MergePlan
 from ..registry import register_policy
@@ -81,7 +81,7 @@ class ToMe(Policy):
                       num_layers: int | None = None) -> int:
         """The score matrix ``A @ Bᵀ`` of bipartite matching: ``ceil(N/2) · floor(N/2) · d_keys``
         (protected tokens are in it, masked afterwards)."""
-        return ((num_tokens + 1) // 2) * (num_tokens // 2) * dims["keys"]
+        return bipartite_matching_macs(num_tokens, dims["keys"])
 
     def reduce(self, view: LayerView) -> MergePlan | None:
         r = self.schedule(view.num_layers)[view.layer]
