@@ -93,12 +93,13 @@ def estimate(config: Any, *, schedule: Any = None, policy: Any = None, conventio
         elif visual_tokens is not None and visual_tokens != sched["llm"][0][0]:
             raise ValueError(f"visual_tokens={visual_tokens} contradicts the language-model schedule, whose first "
                              f"layer sees {sched['llm'][0][0]} visual tokens; give one or the other")
+        fixed = None if isinstance(schedule, Trace) else fixed_projector_tokens(arch, policy_list)
         if handed_on is not None and isinstance(schedule, Trace) and schedule.positions:
             projector_tokens = _views(arch, schedule) * len(schedule.positions[0])  # per crop, before packing
         elif tower is None:
             projector_tokens = sched["llm"][0][0]
-        elif not isinstance(schedule, Trace) and fixed_projector_tokens(arch, policy_list) is not None:
-            projector_tokens = fixed_projector_tokens(arch, policy_list)  # reduced before the projector
+        elif fixed is not None:
+            projector_tokens = fixed  # reduced before the projector
         else:
             projector_tokens = arch.views * arch.visual_tokens_per_view(sched.get("vision"))
         if conv.projector and arch.projector:

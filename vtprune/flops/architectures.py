@@ -154,6 +154,11 @@ class Architecture:
         """The site a plain list schedule refers to: the language model if there is one."""
         return "llm" if self.llm is not None else "vision"
 
+    def feature_index(self, num_layers: int) -> int:
+        """``feature_layer`` as an index into ``hidden_states`` of a ``num_layers``-layer tower: 0 = the
+        embeddings, k = the output of layer k - 1 (so layers 0..k-1 feed the projector)."""
+        return self.feature_layer if self.feature_layer >= 0 else num_layers + 1 + self.feature_layer
+
     def visual_tokens_per_view(self, vision_pairs: Sequence[tuple[int, int]] | None = None) -> int:
         """Tokens leaving the feature layer of one view, minus the prefix when it is dropped."""
         vision = self.vision
@@ -161,8 +166,7 @@ class Architecture:
             raise ValueError(f"{self.name} has no vision tower")
         tokens = vision.num_tokens
         if vision_pairs:
-            # hidden_states[k]: 0 = the embeddings, k = the output of layer k - 1; negative k from the end
-            index = self.feature_layer if self.feature_layer >= 0 else len(vision_pairs) + 1 + self.feature_layer
+            index = self.feature_index(len(vision_pairs))
             if not 0 <= index <= len(vision_pairs):
                 raise ValueError(f"feature_layer {self.feature_layer} is outside a {len(vision_pairs)}-layer tower")
             if index > 0:

@@ -87,9 +87,17 @@ def _handed_on(arch: Architecture, policy: Policy, budgeted: bool = True) -> int
     return arch.views * per_view if budget is None else min(arch.views * per_view, budget)
 
 
+def _in_site_order(policies: list[Policy]) -> list[Policy]:
+    """The policies in the order their reductions happen: vision, projector, llm (others last)."""
+    order = ("vision", "projector", "llm")
+    return sorted(policies, key=lambda item: order.index(item.site) if item.site in order else len(order))
+
+
 def projector_tokens(arch: Architecture, policies: list[Policy]) -> int | None:
-    """Tokens the projector runs on (all views, before packing) when a policy fixes them, else ``None``."""
-    counts = [count for count in (_handed_per_view(arch, policy) for policy in policies) if count is not None]
+    """Tokens the projector runs on (all views, before packing) when a policy fixes them, else ``None``: the
+    count of the last such policy before the projector."""
+    counts = [count for count in (_handed_per_view(arch, policy) for policy in _in_site_order(policies))
+              if count is not None]
     return arch.views * counts[-1] if counts else None
 
 
@@ -121,8 +129,7 @@ def _schedules(arch: Architecture, schedule: Any, policies: list[Policy],
             raise ValueError(f"a {site} schedule was given but {arch.name} has no "
                              f"{'vision tower' if site == 'vision' else 'language model'}")
         result[site] = _as_pairs(value, layers[site], site)
-    for policy in sorted(policies, key=lambda item: ("vision", "projector", "llm").index(item.site)
-                         if item.site in ("vision", "projector", "llm") else 3):
+    for policy in _in_site_order(policies):
         site = policy.site
         if site == "projector" and (visual_tokens is not None or "llm" in result):
             continue  # the visual tokens it keeps are given
@@ -169,7 +176,7 @@ def _up_to_feature_layer(arch: Architecture, pairs: list[tuple[int, int]],
     """A VLM's vision policy reduces only in the layers up to the feature layer (one fewer when a projector
     policy reads the feature layer's attention), as the LLaVA adapter applies it; the layers after run on
     what is left."""
-    index = arch.feature_layer if arch.feature_layer >= 0 else len(pairs) + 1 + arch.feature_layer
+    index = arch.feature_index(len(pairs))
     reading = any(policy.site == "projector" and {"qkv", "keys", "attention"} & set(policy.signals)
                   for policy in policies)
     depth = index - 1 if reading else index
