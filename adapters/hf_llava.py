@@ -149,7 +149,10 @@ class HFLlavaAdapter:
         inner, layers, depth = self._check(model)
         vision, projector = runtime.policies.get("vision"), runtime.policies.get("projector")
         tower = inner.vision_tower
-        if vision is not None and vision.proportional_attention():
+        # every layer up to the feature layer attends with log(size) once the vision policy merged, also the
+        # feature layer when a projector policy makes the vision policy stop before it
+        proportional = vision is not None and vision.proportional_attention()
+        if proportional:
             refuse_unsupported_attention(tower.config, "the vision tower",
                                          f"{vision}'s proportional attention (log(size) added to the keys)")
         roles = ("cls",) if _has_cls(tower) else ()
@@ -172,8 +175,7 @@ class HFLlavaAdapter:
                 patch.override(layer, "forward", encoder_layer_forward(
                     layer, index, runtime, policy=vision if reduces else None, num_layers=len(layers), roles=roles,
                     taps=taps, on_output=_remember_feature_layer(layer) if feature_layer else None,
-                    anyres=_is_anyres(inner), last_layer=vision_last,
-                    proportional=vision is not None and vision.proportional_attention()))
+                    anyres=_is_anyres(inner), last_layer=vision_last, proportional=proportional))
             patch.override(inner.multi_modal_projector, "forward", _projector_forward(
                 inner.multi_modal_projector, runtime, policy=projector, roles=roles, grid=grid,
                 anyres=_is_anyres(inner)))
