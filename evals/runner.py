@@ -264,9 +264,8 @@ def run(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                         order)
     directory.rows = [row for row in merged if (row["configuration"], row["sample"]) in order]  # this run's samples
     previous = _previous_results(directory.path)
-    summary = summarise(config, task, target, directory, labels, traces, timings, configured)
+    summary = summarise(config, saved, task, target, directory, labels, traces, timings, configured)
     _carry_over(summary, previous, timings, traces)
-    summary["config"] = saved
     summary["processes"] = world
     write_outputs(directory.path, summary, task)
     if world > 1:
@@ -321,8 +320,10 @@ def _environment(config: EvalConfig, model: nn.Module) -> dict[str, Any]:
             "cpu": platform.processor() or platform.machine()}
 
 
-def summarise(config, task, model, directory: RunDirectory, labels, traces, timings, configured) -> dict[str, Any]:
-    """Per configuration: metrics (raw and % of unpruned), errors, tokens, FLOPs, latency."""
+def summarise(config, saved: dict[str, Any], task, model, directory: RunDirectory, labels, traces, timings,
+              configured) -> dict[str, Any]:
+    """Per configuration: metrics (raw and % of unpruned), errors, tokens, FLOPs, latency; ``saved``: the
+    configuration as asked (``config`` is this process's, its device possibly one GPU of several)."""
     rows_by_label: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
     wanted = {label for label in labels}
     for row in directory.rows:
@@ -343,7 +344,7 @@ def summarise(config, task, model, directory: RunDirectory, labels, traces, timi
         entry["latency_s_per_batch"] = statistics.median(timing.seconds) if timing.seconds else None
         entry["latency_s_per_image"] = (sum(timing.seconds) / timing.images) if timing.images else None
         entries.append(entry)
-    return {"config": config.resolved(), "environment": _environment(config, model), "task": task.name,
+    return {"config": saved, "environment": _environment(config, model), "task": task.name,
             "results": entries}
 
 
